@@ -1,0 +1,117 @@
+"""The DataBlock: classes, official val labels, 3 channels always, train-only augmentation, fast path == slow path."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tinyfast.data import AlbumentationsTransform, CachedBatchDL, DecodedImages, load_rgb, tiny_imagenet_dls
+from tinyfast.dataset import DatasetError, read_val_annotations, read_wnids
+
+
+@pytest.fixture(scope="module")
+def dls(tiny_root):
+    return tiny_imagenet_dls(tiny_root, bs=8, size=32, device="cpu")
+
+
+def test_classes_and_sizes(dls, tiny_root):
+    wnids = read_wnids(tiny_root)
+    assert list(dls.vocab) == wnids and dls.c == len(wnids) == 4
+    assert len(dls.train_ds) == 4 * 24 and len(dls.valid_ds) == 4 * 8
+    assert all(Path(p).parent.parent.name == "val" for p in dls.valid_ds.items)
+    assert not any(Path(p).parent.parent.name == "val" for p in dls.train_ds.items)
+    assert isinstance(dls.train, CachedBatchDL) and isinstance(dls.valid, CachedBatchDL)
+    assert len(dls.names) == 4 and all(isinstance(n, str) and n for n in dls.names)
+
+
+def test_valid_labels_come_from_annotations(dls, tiny_root):
+    ann = read_val_annotations(tiny_root)
+    ys = []
+    for x, y in dls.valid:
+        ys.append(y)
+    ys = torch.cat(ys)
+    expected = [dls.vocab.o2i[ann[Path(p).name][0]] for p in dls.valid_ds.items]
+    assert ys.tolist() == expected
+
+
+def test_batches_are_normalised_channels_last(dls):
+    x, y = dls.train.one_batch()
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    assert -3 < x.mean().item() < 3 and 0.3 < x.std().item() < 3
+
+
+def test_grayscale_images_become_three_channels(tiny_root, tmp_path):
+    gray = [p for p in (tiny_root / "val" / "images").iterdir() if Image.open(p).mode == "L"]
+    assert gray, "the generated dataset should contain grayscale JPEGs"
+    arr = load_rgb(gray[0])
+    assert arr.shape == (64, 64, 3) and arr.dtype == np.uint8
+    assert np.array_equal(arr[..., 0], arr[..., 1])
+    # CMYK, palette and RGBA images too
+    for mode in ("CMYK", "P", "RGBA"):
+        img = Image.open(gray[0]).convert(mode)
+        f = tmp_path / f"img_{mode}.{'jpg' if mode == 'CMYK' else 'png'}"
+        img.save(f)
+        assert load_rgb(f, size=32).shape == (32, 32, 3)
+
+
+def test_augmentation_on_train_only(dls):
+    tfms = [t for t in dls.train.after_item.fs if isinstance(t, AlbumentationsTransform)]
+    assert tfms and tfms[0].split_idx == 0
+    # valid is deterministic and equals the cached images, normalised
+    v1, v2 = dls.valid.one_batch()[0], dls.valid.one_batch()[0]
+    assert torch.equal(v1, v2)
+    # train batches of the same items differ from the unaugmented images
+    dl = dls.train.new(shuffle=False, drop_last=False)
+    dl_plain = dls.valid.new(dls.train_ds, shuffle=False)
+    t, p = dl.one_batch()[0], dl_plain.one_batch()[0]
+    assert t.shape == p.shape and not torch.equal(t, p)
+
+
+def test_fast_path_equals_fastai_pipeline(dls):
+    """The cached batch path must give what fastai's own per-item pipeline gives (valid: no randomness)."""
+    fast = dls.valid.one_batch()
+    items = [dls.valid_ds[i] for i in range(8)]
+    slow = dls.valid.after_batch(dls.valid.do_batch([dls.valid.after_item(it) for it in items]))
+    assert torch.equal(fast[1].cpu(), slow[1].cpu())
+    assert torch.allclose(fast[0].cpu(), slow[0].cpu(), atol=1e-5)
+
+
+def test_test_dl_for_new_images(dls, tiny_root, tmp_path):
+    """An image not in the cache (predict time) goes through the per-item path, any size."""
+    src = next((tiny_root / "test" / "images").iterdir())
+    big = tmp_path / "big.png"
+    Image.open(src).convert("RGB").resize((100, 70)).save(big)
+    x, = dls.test_dl([big]).one_batch()
+    assert x.shape == (1, 3, 32, 32)
+
+
+def test_cache_is_reused_and_atomic(tiny_root, tmp_path):
+    files = sorted((tiny_root / "val" / "images").iterdir())[:5]
+    d = DecodedImages(files, 32, tmp_path)
+    assert d.images.shape == (5, 32, 32, 3)
+    mtime = d.file.stat().st_mtime_ns
+    d2 = DecodedImages(files, 32, tmp_path)
+    assert np.array_equal(d2.images, d.images) and d2.file.stat().st_mtime_ns == mtime
+    assert not list(tmp_path.glob(".*.tmp"))
+    assert DecodedImages(files[:4], 32, tmp_path).file != d.file  # another subset, another cache
+
+
+def test_corrupt_jpeg_is_reported_by_path(tiny_root, tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    shutil.copytree(tiny_root, root, ignore=shutil.ignore_patterns(".tinyfast-cache"))
+    wnid = read_wnids(root)[0]
+    bad = sorted((root / "train" / wnid / "images").iterdir())[3]
+    bad.write_bytes(b"this is not a jpeg")
+    with pytest.raises(DatasetError, match=bad.name):
+        tiny_imagenet_dls(root, bs=8, size=32, device="cpu")
+    assert not list((root / ".tinyfast-cache").glob("*.npy"))  # no half-written cache
+
+
+def test_subset_of_classes(tiny_root):
+    dls = tiny_imagenet_dls(tiny_root, bs=8, size=32, classes=2, train_per_class=10, device="cpu")
+    assert dls.c == 2 and len(dls.train_ds) == 20 and len(dls.valid_ds) == 16

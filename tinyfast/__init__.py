@@ -1,0 +1,1 @@
+"""tinyfast: train and understand a ResNet18 on TinyImageNet with fastai."""

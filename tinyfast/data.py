@@ -1,0 +1,318 @@
+"""TinyImageNet as fastai DataLoaders: a DataBlock with an Albumentations item transform, made fast.
+
+The DataBlock is the usual one (paths -> PILImage, wnid -> category, train/val split from the folder layout,
+Albumentations as a train-only item transform). Two things make it fast without changing that shape:
+
+1. every image is decoded once into a uint8 array memory-mapped from disk (`DecodedImages`), so no epoch
+   ever decodes a JPEG again;
+2. `CachedBatchDL` builds each batch from a chunk of indices into that array, calling only the
+   Albumentations transform per image, and leaves float conversion and normalisation to the batch
+   transforms on the device. fastai's per-item machinery costs ~400 us an image; the Albumentations call ~20.
+
+Anything the fast path cannot serve (an image that is not in the cache, an extra item transform) goes
+through fastai's ordinary per-item pipeline, which gives the same result, only slower.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from fastai.data.block import CategoryBlock, DataBlock
+from fastai.data.core import DataLoaders, TfmdDL
+from fastai.data.transforms import FuncSplitter, Normalize, ToTensor
+from fastai.torch_core import TensorCategory, TensorImage, default_device
+from fastai.vision.augment import RandTransform, Resize
+from fastai.vision.core import PILImage
+from fastai.vision.data import ImageBlock
+from fasttransform import Transform
+from fastprogress.fastprogress import progress_bar
+from PIL import Image
+
+import albumentations as alb  # after fastai: `from fastai.vision.all import *` would bind `A`
+
+from .dataset import DatasetError, read_val_annotations, read_wnids, resolve_dataset
+
+# Per-channel statistics of the TinyImageNet training set (RGB, 0-1 scale).
+TINY_MEAN = (0.4802, 0.4481, 0.3975)
+TINY_STD = (0.2770, 0.2691, 0.2821)
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Augmentation
+# ---------------------------------------------------------------------------------------------------------
+def default_augmentation(size: int = 64) -> alb.Compose:
+    """Reflect-pad by 1/8 and random-crop back, flip, one cutout hole of 1/4 side filled with the mean colour:
+    the CIFAR-style policy that suits 64 px images, where a random-resized crop throws away too much."""
+    pad, hole = size // 8, size // 4
+    mean_fill = tuple(int(round(m * 255)) for m in TINY_MEAN)
+    return alb.Compose([
+        alb.PadIfNeeded(size + 2 * pad, size + 2 * pad, border_mode=cv2.BORDER_REFLECT_101),
+        alb.RandomCrop(size, size),
+        alb.HorizontalFlip(p=0.5),
+        alb.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(hole, hole), hole_width_range=(hole, hole),
+                          fill=mean_fill, p=0.5),
+    ])
+
+
+class AlbumentationsTransform(RandTransform):
+    """An Albumentations pipeline as a fastai item transform, on the training split only (`split_idx=0`).
+    `order=2` runs it after `Resize` (order 1), on the image the model will see."""
+    split_idx, order = 0, 2
+
+    def __init__(self, aug: alb.BaseCompose):
+        super().__init__()
+        self.aug = aug
+
+    def augment(self, image: np.ndarray) -> np.ndarray:
+        return self.aug(image=image)["image"]
+
+    def encodes(self, img: PILImage) -> PILImage:
+        return PILImage.create(self.augment(np.asarray(img)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding, once
+# ---------------------------------------------------------------------------------------------------------
+def load_rgb(path: Path | str, size: int | None = None) -> np.ndarray:
+    """Any image file as an RGB uint8 array: grayscale (~1.7% of TinyImageNet), CMYK and palette images
+    become 3 channels. cv2 is the fast path; PIL the fallback for what cv2 cannot read."""
+    img = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if img is not None:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    else:
+        try:
+            with Image.open(path) as im:
+                img = np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise DatasetError(f"cannot decode image {path}: {e.__class__.__name__}: {e}") from None
+    if size is not None and img.shape[:2] != (size, size):
+        img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
+    return img
+
+
+class DecodedImages:
+    """Every listed image decoded once into a uint8 (N, size, size, 3) `.npy`, memory-mapped.
+
+    The file name carries a digest of the file list and the size, so a different subset or size gets its
+    own cache and a stale one is never read. It is written to a temporary name and renamed when complete:
+    a killed build leaves no half-written cache behind."""
+
+    def __init__(self, files: list[Path], size: int, cache_dir: Path | str):
+        self.files, self.size = [Path(f) for f in files], size
+        digest = hashlib.sha1(("\n".join(map(str, self.files)) + f"|{size}").encode()).hexdigest()[:16]
+        self.file = Path(cache_dir) / f"images-{size}px-{len(self.files)}-{digest}.npy"
+        self._images = None
+        self._row_of = None
+
+    def __getstate__(self):  # pickled with an exported Learner: keep the path, reopen lazily
+        return {**self.__dict__, "_images": None, "_row_of": None}
+
+    @property
+    def images(self) -> np.ndarray:
+        if self._images is None:
+            if not self.file.exists():
+                self.build()
+            self._images = np.load(self.file, mmap_mode="r")
+        return self._images
+
+    def row(self, path: Path | str) -> int | None:
+        if self._row_of is None:
+            self._row_of = {str(f): i for i, f in enumerate(self.files)}
+        return self._row_of.get(str(path))
+
+    def build(self, n_threads: int | None = None) -> None:
+        """Decode with a few threads (cv2 releases the GIL) straight into the memory-mapped file."""
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(self.files), self.size, self.size, 3))
+        chunk = 512
+        starts = range(0, len(self.files), chunk)
+
+        def decode(start: int) -> None:
+            for i in range(start, min(start + chunk, len(self.files))):
+                out[i] = load_rgb(self.files[i], self.size)
+
+        try:
+            with ThreadPoolExecutor(n_threads or min(8, os.cpu_count() or 1)) as pool:
+                bar = progress_bar(pool.map(decode, starts), total=len(starts), leave=False)
+                bar.comment = f"decoding {len(self.files)} images once"
+                for _ in bar:
+                    pass
+            out.flush()
+            del out
+            os.replace(tmp, self.file)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def default_cache_dir(root: Path) -> Path:
+    """Beside the data when that folder is writable, else under ~/.cache."""
+    if os.access(root, os.W_OK):
+        return root / ".tinyfast-cache"
+    return Path.home() / ".cache" / "tinyfast" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The DataBlock's functions (module level, so that `learn.export` can pickle them)
+# ---------------------------------------------------------------------------------------------------------
+class ReadImage(Transform):
+    """get_x: a path -> PILImage, from the decoded cache when the path is in it, from the file otherwise
+    (a new image at `predict` time). Anything that is not a path (a PIL image, an array) passes through."""
+
+    def __init__(self, decoded: DecodedImages | None = None, size: int | None = None):
+        super().__init__()
+        self.decoded, self.size = decoded, size
+
+    def encodes(self, path: Path | str) -> PILImage:
+        row = self.decoded.row(path) if self.decoded is not None else None
+        if row is not None and self.decoded.file.exists():
+            return PILImage.create(np.array(self.decoded.images[row]))
+        return PILImage.create(load_rgb(path))
+
+
+class TinyLabel:
+    """get_y: the wnid of an image: its class folder for train, `val_annotations.txt` for val."""
+
+    def __init__(self, val_wnids: dict[str, str]):
+        self.val_wnids = val_wnids
+
+    def __call__(self, path: Path | str) -> str:
+        path = Path(path)
+        if path.parent.parent.name == "val":
+            return self.val_wnids[path.name]
+        return path.parent.parent.name
+
+
+def is_val(path: Path | str) -> bool:
+    """The official split: `val/images/*` is validation, `train/*/images/*` training (never a random split)."""
+    return Path(path).parent.parent.name == "val"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    with os.scandir(folder) as it:
+        return sorted(folder / e.name for e in it if e.name.lower().endswith(IMAGE_SUFFIXES))
+
+
+def tiny_imagenet_files(root: Path, classes: int | None = None, train_per_class: int | None = None) -> tuple[list[str], list[Path], dict[str, str]]:
+    """wnids, the image files (train then val), and the val labels; `classes` keeps the first N wnids and
+    `train_per_class` the first M training images of each, for quick runs on a real subset."""
+    wnids = read_wnids(root)[:classes]
+    keep = set(wnids)
+    train = [f for w in wnids for f in _images_in(root / "train" / w / "images")[:train_per_class]]
+    val_wnids = {name: wnid for name, (wnid, _box) in read_val_annotations(root).items() if wnid in keep}
+    val = [root / "val" / "images" / name for name in sorted(val_wnids, key=_natural_key)]
+    return wnids, train + val, val_wnids
+
+
+def _natural_key(name: str) -> tuple:
+    stem = Path(name).stem
+    head, _, num = stem.rpartition("_")
+    return (head, int(num)) if num.isdigit() else (stem, -1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The fast DataLoader
+# ---------------------------------------------------------------------------------------------------------
+class CachedBatchDL(TfmdDL):
+    """A TfmdDL that serves whole batches from `DecodedImages`: one fancy index into the uint8 array per
+    batch, then the Albumentations item transform per image (train only), and the batch goes out as uint8
+    NCHW for the batch transforms (`IntToFloatTensor`, `Normalize`) to finish on the device. The randomness
+    of an epoch (shuffle and augmentation) derives from `self.rng`, so restoring its state restores the epoch."""
+
+    _fast_ok = (Resize, ToTensor, AlbumentationsTransform)
+
+    def before_iter(self):
+        super().before_iter()
+        self.epoch_seed = self.rng.randint(0, 2**31 - 1)
+        self._fast_source()  # in the main process, before workers fork
+
+    def _fast_source(self):
+        """(images, rows, targets, augmentation) when every item is in the cache, else None."""
+        if getattr(self, "_fast", None) is not None:
+            return self._fast if self._fast != "slow" else None
+        self._fast = "slow"
+        tls = getattr(self.dataset, "tls", None)
+        if tls is None or len(tls) != 2 or not all(isinstance(t, self._fast_ok) for t in self.after_item.fs):
+            return None
+        readers = [t for t in tls[0].tfms.fs if isinstance(t, ReadImage)]
+        if not readers or readers[0].decoded is None or len(self.dataset) == 0:
+            return None
+        decoded = readers[0].decoded
+        rows = [decoded.row(p) for p in tls[0].items]
+        if any(r is None for r in rows):
+            return None
+        targets = np.array([int(tls[1].tfms(p)) for p in tls[1].items], dtype=np.int64)
+        split = getattr(self.dataset, "split_idx", None)
+        augs = [t for t in self.after_item.fs if isinstance(t, AlbumentationsTransform) and t.split_idx == split]
+        self._fast = (decoded.images, np.array(rows), targets, augs[0] if augs else None)
+        return self._fast
+
+    def create_batches(self, samps):
+        fast = self._fast_source()
+        if fast is None:
+            yield from super().create_batches(samps)
+            return
+        images, rows, targets, aug = fast
+        for k, idxs in enumerate(self.chunkify(samps)):
+            idxs = np.asarray(idxs)
+            x = images[rows[idxs]]  # a copy: (B, H, W, 3) uint8
+            if aug is not None:
+                aug.aug.set_random_seed(getattr(self, "epoch_seed", 0) * 100_003 + k * self.num_workers + self.offs)
+                for i in range(len(x)):
+                    x[i] = aug.augment(x[i])
+            # NHWC memory seen as NCHW: exactly the channels_last layout the model is run in
+            yield TensorImage(torch.from_numpy(x).permute(0, 3, 1, 2)), TensorCategory(torch.from_numpy(targets[idxs]))
+
+
+def default_num_workers(device: torch.device | str | None = None) -> int:
+    """On a CPU the loader shares two cores with the model, and serving a batch from the cache costs ~1% of a
+    training step: no worker processes (measured, see docs/BENCHMARKS.md). On a GPU, up to 8 workers."""
+    device = torch.device(device) if device is not None else default_device()
+    return 0 if device.type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The public entry point
+# ---------------------------------------------------------------------------------------------------------
+def tiny_imagenet_block(root: Path, wnids: list[str], val_wnids: dict[str, str], size: int = 64,
+                        aug: alb.BaseCompose | None | bool = None, decoded: DecodedImages | None = None) -> DataBlock:
+    """The DataBlock itself: usable on its own (`.summary(files)`, `.dataloaders(files)`)."""
+    item_tfms = [Resize(size, method="squish")]
+    if aug is not False:
+        item_tfms.append(AlbumentationsTransform(default_augmentation(size) if aug is None or aug is True else aug))
+    return DataBlock(
+        blocks=(ImageBlock, CategoryBlock(vocab=wnids, sort=False)),
+        get_x=ReadImage(decoded, size), get_y=TinyLabel(val_wnids), splitter=FuncSplitter(is_val),
+        item_tfms=item_tfms, batch_tfms=[Normalize.from_stats(TINY_MEAN, TINY_STD)])
+
+
+def tiny_imagenet_dls(path: Path | str | None = None, bs: int = 256, size: int = 64, num_workers: int | None = None,
+                      aug: alb.BaseCompose | None | bool = None, device: torch.device | str | None = None,
+                      classes: int | None = None, train_per_class: int | None = None,
+                      cache_dir: Path | str | None = None) -> DataLoaders:
+    """TinyImageNet train/val DataLoaders.
+
+    path: a `tiny-imagenet-200` folder or its zip (default `data/tiny-imagenet-200` or $TINYFAST_DATA).
+    aug: None for the default policy (`default_augmentation`), False for none, or any Albumentations Compose.
+    classes / train_per_class: a real subset (the first N classes, the first M training images of each).
+    The vocab is the wnids in `wnids.txt` order; `dls.names` gives their human names from `words.txt`."""
+    from .dataset import read_words
+
+    root = resolve_dataset(path)
+    device = torch.device(device) if device is not None else default_device()
+    wnids, files, val_wnids = tiny_imagenet_files(root, classes, train_per_class)
+    decoded = DecodedImages(files, size, cache_dir or default_cache_dir(root))
+    decoded.images  # build now, in the main process, so an unreadable image is reported before training
+    block = tiny_imagenet_block(root, wnids, val_wnids, size, aug, decoded)
+    nw = default_num_workers(device) if num_workers is None else num_workers
+    dls = block.dataloaders(files, path=root, bs=bs, num_workers=nw, device=device, dl_type=CachedBatchDL)
+    words = read_words(root, wnids)
+    dls.names = [words[w] for w in wnids]
+    dls.root = root
+    return dls

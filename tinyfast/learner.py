@@ -1,0 +1,112 @@
+"""The Learner: ResNet18 + SGD with momentum + label-smoothed cross-entropy, and what a CPU needs to be fast.
+
+fastai's `MixedPrecision` and `to_bf16()` autocast on CUDA only; on a CPU with native bf16 (AVX512-BF16, AMX)
+the same model trains ~2x faster under bf16 autocast and channels_last. `FastDevice` does that on any device,
+in fastai's callback idiom, leaving the loss, the metrics and the optimizer state in fp32.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from fastai.callback.core import Callback
+import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle, lr_find)
+from fastai.callback.fp16 import MixedPrecision
+from fastai.data.core import DataLoaders
+from fastai.learner import Learner
+from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
+from fastai.metrics import accuracy, top_k_accuracy
+from fastai.optimizer import SGD
+from fastai.torch_core import to_float
+from torch import nn
+
+from .model import resnet18
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def top5(inp: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
+    """Top-5 accuracy (top-k with k = the number of classes when there are fewer than 5)."""
+    return top_k_accuracy(inp, targ, k=min(5, inp.shape[-1]))
+
+
+def cpu_has_native_bf16() -> bool:
+    """bf16 autocast pays on a CPU only where the processor computes bf16 itself; emulated, it is slower."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype `precision` means on `device`: None for fp32, torch.float16 for CUDA without bf16."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cpu" and (precision == "bf16" or cpu_has_native_bf16()):
+        return torch.bfloat16
+    return None
+
+
+class FastDevice(Callback):
+    """bf16 autocast (where `precision` asks for it) and channels_last, on CPU and CUDA alike, for training
+    and for inference (`get_preds`, `predict` run the same callbacks). fp16 on an old GPU goes to fastai's
+    `MixedPrecision`, which owns the loss scaling fp16 needs."""
+    order = MixedPrecision.order
+
+    def __init__(self, precision: str = "auto", channels_last: bool = True):
+        self.precision, self.channels_last = precision, channels_last
+        self._ctx, self._dtype_for = None, {}
+
+    def _device(self) -> torch.device:
+        return next(self.learn.model.parameters()).device
+
+    def dtype(self) -> torch.dtype | None:
+        device = self._device()
+        if device not in self._dtype_for:
+            self._dtype_for[device] = autocast_dtype(self.precision, device)
+        return self._dtype_for[device]
+
+    def before_fit(self):
+        if self.dtype() == torch.float16 and not hasattr(self.learn, "mixed_precision"):
+            self.learn.add_cb(MixedPrecision())
+
+    def before_batch(self):
+        if self.channels_last:
+            self.learn.model.to(memory_format=torch.channels_last)  # no-op once converted
+            self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in self.xb)
+        dtype = self.dtype()
+        if dtype == torch.bfloat16:
+            self._ctx = torch.autocast(self._device().type, dtype=dtype)
+            self._ctx.__enter__()
+
+    def after_pred(self):
+        if self._ctx is not None:
+            self.learn.pred = to_float(self.pred)
+
+    def after_loss(self):
+        self._exit()
+
+    def after_batch(self):
+        self._exit()  # also when the batch was cancelled before `after_loss`
+
+    def _exit(self):
+        if self._ctx is not None:
+            self._ctx.__exit__(None, None, None)
+            self._ctx = None
+
+    def __getstate__(self):  # an autocast context in flight does not pickle (learn.export)
+        return {**self.__dict__, "_ctx": None, "_dtype_for": {}}
+
+
+def tiny_learner(dls: DataLoaders, model: nn.Module | None = None, stem: str = "cifar", wd: float = 5e-4,
+                 mom: float = 0.9, label_smoothing: float = 0.1, precision: str = "auto",
+                 channels_last: bool = True, wd_bn_bias: bool = False, cbs=None, **kwargs) -> Learner:
+    """A fastai Learner for TinyImageNet-style `dls`: `resnet18(dls.c)` unless `model` is given, fastai's SGD
+    with momentum (fastai's own optimizer, so its schedulers and `ReduceLROnPlateau` act on it), decoupled
+    weight decay kept off BatchNorm and biases, and accuracy + top-5 as metrics."""
+    model = model if model is not None else resnet18(n_classes=dls.c, stem=stem)
+    loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing > 0 else CrossEntropyLossFlat()
+    cbs = [FastDevice(precision, channels_last)] + list(cbs or [])
+    return Learner(dls, model, loss_func=loss, opt_func=partial(SGD, mom=mom), metrics=[accuracy, top5],
+                   wd=wd, wd_bn_bias=wd_bn_bias, cbs=cbs, **kwargs)

@@ -1,0 +1,375 @@
+"""A training run: `fit_one_cycle` or SGD + ReduceLROnPlateau, written to a self-describing run folder.
+
+RUN_DIR/ holds config.json (the exact command, every argument, versions, dataset), summary.txt, metrics.csv
+(a row per epoch), curves.png, schedule.png (the LR and momentum actually applied), model.pth (best weights),
+learner.pkl (`load_learner`-able), checkpoint.pth (to resume), and lr_find.* when `lr="auto"`.
+
+Everything that must survive a crash is written atomically (temporary file, then rename), and the randomness
+of an epoch (shuffle, augmentation) comes from the train DataLoader's `rng`, saved in the checkpoint, so a
+resumed run ends where the uninterrupted one would.
+"""
+from __future__ import annotations
+
+import csv
+from contextlib import nullcontext
+import hashlib
+import json
+import os
+import platform
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import fastai.callback.hook  # noqa: F401  (patches Learner.summary)
+from fastai.callback.core import Callback
+from fastai.callback.tracker import ReduceLROnPlateau
+from fastai.learner import Learner
+from fastcore.xtras import ContextManagers
+from fastai.torch_core import set_seed
+
+from .data import tiny_imagenet_dls
+from .learner import FastDevice, tiny_learner
+
+SCHEDULES = ("one-cycle", "plateau")
+METRIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "top5", "time", "elapsed")
+
+
+class RunError(Exception):
+    """A one-line, user-facing reason a run cannot start or go on (the CLI prints it and exits non-zero)."""
+
+
+class NonFiniteLoss(RunError):
+    pass
+
+
+class RunInterrupted(RunError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files, atomically
+# ---------------------------------------------------------------------------------------------------------
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_save(obj, path: Path) -> None:
+    """torch.save to a temporary name, then rename: a kill mid-save leaves the previous file intact."""
+    tmp = _tmp(path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = _tmp(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_metrics(run_dir: Path | str) -> list[dict]:
+    with open(Path(run_dir) / "metrics.csv") as f:
+        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Callbacks
+# ---------------------------------------------------------------------------------------------------------
+class StopOnNaN(Callback):
+    """fastai's `TerminateOnNaNCallback` stops silently; a user needs to know where, and what to try."""
+    order = 15  # right after the loss is computed
+
+    def after_loss(self):
+        if self.training and not torch.isfinite(self.loss):
+            raise NonFiniteLoss(f"loss became {self.loss.item()} at epoch {self.epoch + 1}, batch {self.iter + 1}: "
+                                f"lower --lr (now {self.opt.hypers[-1]['lr']:.3g}) or check the data")
+
+
+class Plateau(ReduceLROnPlateau):
+    """fastai's ReduceLROnPlateau (acting on fastai's own SGD) whose `best` and `wait` survive a resume."""
+
+    def __init__(self, *args, state: tuple | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.state = state
+
+    def before_fit(self):
+        super().before_fit()
+        if self.state is not None:
+            self.best, self.wait = self.state
+
+
+class RunLogger(Callback):
+    """After every epoch: a metrics.csv row, model.pth when accuracy improves, and checkpoint.pth holding all
+    a resume needs (model, optimizer, epoch, the train DataLoader's rng, the rows and the LR/mom trace)."""
+    order = 70  # after Recorder (50) and the trackers (60-62)
+
+    def __init__(self, run_dir: Path, start: dict | None = None):
+        self.run_dir = Path(run_dir)
+        start = start or {}
+        self.rows: list[dict] = start.get("rows", [])
+        self.lrs: list[float] = start.get("lrs", [])
+        self.moms: list[float] = start.get("moms", [])
+        self.start_epoch: int = start.get("epoch", 0)
+        self.best = max((r["accuracy"] for r in self.rows), default=-1.0)
+
+    @property
+    def best_epoch(self) -> int | None:
+        return max(self.rows, key=lambda r: r["accuracy"])["epoch"] if self.rows else None
+
+    def before_epoch(self):
+        self.t_epoch = time.perf_counter()
+
+    def after_batch(self):
+        if self.training and self.epoch >= self.start_epoch:
+            h = self.opt.hypers[-1]
+            self.lrs.append(float(h["lr"]))
+            self.moms.append(float(h.get("mom", 0.0)))
+
+    def after_epoch(self):
+        if self.epoch < self.start_epoch:  # skipped by fastai's SkipToEpoch on resume
+            return
+        train_loss, valid_loss, acc, top5 = (float(v) for v in self.recorder.values[-1][:4])
+        seconds = time.perf_counter() - self.t_epoch
+        elapsed = (self.rows[-1]["elapsed"] if self.rows else 0.0) + seconds
+        self.rows.append(dict(epoch=self.epoch + 1, train_loss=train_loss, valid_loss=valid_loss, accuracy=acc,
+                              top5=top5, time=round(seconds, 3), elapsed=round(elapsed, 3)))
+        if acc > self.best:
+            self.best = acc
+            atomic_save(self.learn.model.state_dict(), self.run_dir / "model.pth")
+        self.write_metrics()
+        plateau = getattr(self.learn, "plateau", None)
+        atomic_save(dict(model=self.learn.model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch + 1,
+                         dl_rng=self.dls.train.rng.getstate(), py_rng=random.getstate(), np_rng=np.random.get_state(),
+                         torch_rng=torch.get_rng_state(), rows=self.rows, lrs=self.lrs, moms=self.moms,
+                         lr=float(self.opt.hypers[-1]["lr"]),
+                         plateau=(plateau.best, plateau.wait) if plateau is not None else None),
+                    self.run_dir / "checkpoint.pth")
+
+    def write_metrics(self):
+        lines = [",".join(METRIC_COLUMNS)] + [",".join(str(r[c]) for c in METRIC_COLUMNS) for r in self.rows]
+        atomic_write_text(self.run_dir / "metrics.csv", "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------------------
+def plot_curves(rows: list[dict]):
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ep = [r["epoch"] for r in rows]
+    ax1.plot(ep, [r["train_loss"] for r in rows], "o-", label="train loss")
+    ax1.plot(ep, [r["valid_loss"] for r in rows], "o-", label="valid loss")
+    ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax2.plot(ep, [r["accuracy"] for r in rows], "o-", label="top-1")
+    ax2.plot(ep, [r["top5"] for r in rows], "o-", label="top-5")
+    ax2.set(xlabel="epoch", ylabel="val accuracy", title="Validation accuracy", ylim=(0, 1))
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_schedule(lrs: list[float], moms: list[float]):
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
+    ax1.plot(lrs)
+    ax1.set(xlabel="training step", ylabel="learning rate", title="Learning rate applied")
+    ax2.plot(moms, color="C1")
+    ax2.set(xlabel="training step", ylabel="momentum", title="Momentum applied")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_plots(run_dir: Path, logger: RunLogger) -> None:
+    import matplotlib.pyplot as plt
+    if logger.rows:
+        fig = plot_curves(logger.rows)
+        fig.savefig(run_dir / "curves.png", dpi=100)
+        plt.close(fig)
+    if logger.lrs:
+        fig = plot_schedule(logger.lrs, logger.moms)
+        fig.savefig(run_dir / "schedule.png", dpi=100)
+        plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------
+def versions() -> dict:
+    import albumentations
+    import fastai
+    import pytorch_grad_cam  # noqa: F401
+    from importlib.metadata import version
+    return {"python": platform.python_version(), "torch": torch.__version__, "fastai": fastai.__version__,
+            "albumentations": albumentations.__version__, "grad-cam": version("grad-cam"),
+            "platform": platform.platform()}
+
+
+def dataset_info(dls) -> dict:
+    vocab = list(dls.vocab)
+    return {"root": str(Path(dls.root).resolve()), "classes": len(vocab), "n_train": len(dls.train_ds),
+            "n_valid": len(dls.valid_ds), "wnids_sha1": hashlib.sha1("\n".join(vocab).encode()).hexdigest()}
+
+
+def new_run_dir(out: Path | str | None) -> Path:
+    """`runs/<timestamp>` by default; an existing, non-empty folder is never silently overwritten."""
+    run_dir = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise RunError(f"{run_dir} already exists and is not empty: choose another --out, or add --resume to continue it")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def latest_run(runs: Path = Path("runs")) -> Path:
+    found = sorted((p.parent for p in runs.glob("*/checkpoint.pth")), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise RunError(f"no run with a checkpoint under {runs}/: pass --out RUN_DIR with --resume")
+    return found[-1]
+
+
+@dataclass
+class FitResult:
+    learn: Learner
+    run_dir: Path
+    best_accuracy: float
+    best_epoch: int | None
+    seconds: float
+
+
+def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: float | str = 0.1,
+        schedule: str = "one-cycle", wd: float = 5e-4, mom: float = 0.9, label_smoothing: float = 0.1,
+        size: int = 64, stem: str = "cifar", out: Path | str | None = None, resume: bool = False, seed: int = 42,
+        precision: str = "auto", num_workers: int | None = None, monitor: str = "valid_loss", patience: int = 2,
+        factor: float = 5.0, classes: int | None = None, train_per_class: int | None = None, aug: bool = True,
+        command: str | None = None, cbs: list | None = None, quiet: bool = False) -> FitResult:
+    """Train and write a run folder. `lr="auto"` runs fastai's LR range test first and uses its suggestion.
+    `schedule="plateau"`: SGD at `lr`, divided by `factor` when `monitor` has not improved for `patience` epochs.
+    `resume=True` continues `out` (or the newest run under runs/) from its checkpoint, with its saved settings."""
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
+            if k not in ("command", "cbs", "quiet", "resume", "out")}
+    if schedule not in SCHEDULES:
+        raise RunError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
+    if epochs < 1:
+        raise RunError(f"--epochs must be at least 1, not {epochs}")
+    start = None
+    if resume:
+        run_dir = Path(out) if out is not None else latest_run()
+        if not (run_dir / "checkpoint.pth").exists():
+            raise RunError(f"{run_dir} has no checkpoint.pth to resume from")
+        saved = json.loads((run_dir / "config.json").read_text())
+        args = {**saved["args"], **({"data": str(data)} if data is not None else {})}
+        start = torch.load(run_dir / "checkpoint.pth", weights_only=False)
+    else:
+        run_dir = new_run_dir(out)
+    a = args
+    set_seed(a["seed"])
+    dls = tiny_imagenet_dls(a["data"], bs=a["bs"], size=a["size"], num_workers=a["num_workers"],
+                            aug=None if a["aug"] else False, classes=a["classes"], train_per_class=a["train_per_class"])
+    learn = tiny_learner(dls, stem=a["stem"], wd=a["wd"], mom=a["mom"], label_smoothing=a["label_smoothing"],
+                         precision=a["precision"])
+    learn.path, learn.model_dir = run_dir, "."
+    if start is None:
+        summary = learn.summary()
+        (run_dir / "summary.txt").write_text(summary)
+        if not quiet:
+            print(summary)
+        config = {"command": command or shlex.join([Path(sys.executable).name] + sys.argv), "args": args,
+                  "versions": versions(), "device": str(dls.device), "dataset": dataset_info(dls),
+                  "started": datetime.now().isoformat(timespec="seconds")}
+        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        if a["lr"] == "auto":
+            from .lr_range import lr_range_test, write_lr_range
+            result = lr_range_test(learn, mode="fastai")
+            write_lr_range(result, run_dir)
+            a["lr"] = result.suggested_lr
+            config["args"]["lr_picked"] = a["lr"]
+            atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+            print(f"lr auto: {a['lr']:.3g} ({result.reason}); curve in {run_dir / 'lr_find.png'}")
+    lr = float(a.get("lr_picked", a["lr"]))
+    logger = RunLogger(run_dir, start)
+    run_cbs = [logger, StopOnNaN()] + list(cbs or [])
+    if a["schedule"] == "plateau":
+        run_cbs.append(Plateau(monitor=a["monitor"], patience=a["patience"], factor=a["factor"],
+                               state=start and start["plateau"]))
+    start_epoch = 0
+    if start is not None:
+        learn.model.load_state_dict(start["model"])
+        learn.create_opt()
+        learn.opt.load_state_dict(start["opt"])
+        start_epoch = start["epoch"]
+        learn.dls.train.rng.setstate(start["dl_rng"])
+        random.setstate(start["py_rng"])
+        np.random.set_state(start["np_rng"])
+        torch.set_rng_state(start["torch_rng"])
+        if a["schedule"] == "plateau":
+            lr = start["lr"]
+        if not quiet:
+            print(f"resuming {run_dir} after epoch {start_epoch}/{a['epochs']}")
+    t0 = time.perf_counter()
+    try:
+        ctx = ContextManagers([learn.no_bar(), learn.no_logging()]) if quiet else nullcontext()
+        with ctx:
+            if a["schedule"] == "one-cycle":
+                learn.fit_one_cycle(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
+            else:
+                learn.fit(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
+    except KeyboardInterrupt:
+        _cleanup(learn)
+        atomic_save(learn.model.state_dict(), run_dir / "interrupted.pth")
+        write_plots(run_dir, logger)
+        done = logger.rows[-1]["epoch"] if logger.rows else 0
+        raise RunInterrupted(f"interrupted during epoch {done + 1}; checkpoint after epoch {done} is in {run_dir}: "
+                             f"continue with `python main.py fit --out {run_dir} --resume`") from None
+    except NonFiniteLoss:
+        _cleanup(learn)
+        write_plots(run_dir, logger)
+        raise
+    seconds = time.perf_counter() - t0
+    write_plots(run_dir, logger)
+    if (run_dir / "model.pth").exists():
+        learn.model.load_state_dict(torch.load(run_dir / "model.pth"))
+    learn.export("learner.pkl")
+    return FitResult(learn, run_dir, logger.best, logger.best_epoch, seconds)
+
+
+def _cleanup(learn: Learner) -> None:
+    """An exception skips fastai's after_fit: close a bf16 autocast left open mid-batch."""
+    for cb in learn.cbs:
+        if isinstance(cb, FastDevice):
+            cb._exit()
+
+
+def load_run(run_dir: Path | str, data: Path | str | None = None, bs: int | None = None,
+             precision: str | None = None, num_workers: int | None = None) -> Learner:
+    """A run folder back as a Learner (its best weights, its data settings, val set unaugmented order)."""
+    run_dir = Path(run_dir)
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.exists():
+        raise RunError(f"{run_dir} is not a run folder (no config.json): pass a folder written by `python main.py fit`")
+    weights = run_dir / "model.pth"
+    if not weights.exists():
+        raise RunError(f"{run_dir} has no model.pth yet (did its first epoch finish?)")
+    cfg = json.loads(cfg_file.read_text())
+    a = cfg["args"]
+    dls = tiny_imagenet_dls(data or a["data"] or cfg["dataset"]["root"], bs=bs or a["bs"], size=a["size"],
+                            num_workers=num_workers if num_workers is not None else a.get("num_workers"),
+                            aug=None if a.get("aug", True) else False, classes=a.get("classes"),
+                            train_per_class=a.get("train_per_class"))
+    learn = tiny_learner(dls, stem=a["stem"], label_smoothing=a["label_smoothing"], precision=precision or a["precision"])
+    learn.model.load_state_dict(torch.load(weights, map_location="cpu"))
+    learn.path, learn.model_dir = run_dir, "."
+    return learn
