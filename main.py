@@ -98,7 +98,8 @@ def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
             factor: float = typer.Option(5.0, help="plateau: the LR is divided by this"),
             classes: Optional[int] = typer.Option(None, help="train on the first N classes only (a real subset)"),
             train_per_class: Optional[int] = typer.Option(None, help="use the first M training images of each class"),
-            aug: bool = typer.Option(True, help="the default Albumentations policy on the training split")):
+            aug: bool = typer.Option(True, help="the default Albumentations policy on the training split"),
+            lr_iterations: int = typer.Option(100, help="--lr auto: iterations of the LR range test")):
     """Train the ResNet18 and write a run folder (metrics, curves, model, learner.pkl, the exact command)."""
     from tinyfast.train import fit
     lr_value = lr if lr == "auto" else _float(lr, "--lr")
@@ -106,7 +107,7 @@ def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                         label_smoothing=label_smoothing, size=size, stem=stem.value, out=out, resume=resume, seed=seed,
                         precision=precision.value, num_workers=num_workers, monitor=monitor, patience=patience,
                         factor=factor, classes=classes, train_per_class=train_per_class, aug=aug,
-                        command=command_line())
+                        lr_iterations=lr_iterations, command=command_line())
     typer.echo(f"best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch}, "
                f"{result.seconds:.0f} s of training; run folder: {result.run_dir}")
 
@@ -119,6 +120,185 @@ def _float(text: str, flag: str) -> float:
     if not value > 0:
         fail(f"{flag} must be positive, not {text}", 2)
     return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+@app.command("find-lr")
+def find_lr_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+                bs: int = typer.Option(256, help="batch size"),
+                mode: Mode = typer.Option(Mode.fastai, help="fastai: exponential sweep on training loss; smith: linear sweep on a fixed held-out loss"),
+                num_it: int = typer.Option(100, help="iterations of the sweep"),
+                start_lr: Optional[float] = typer.Option(None, help="first LR [default: 1e-7 fastai, 1e-3 smith]"),
+                end_lr: Optional[float] = typer.Option(None, help="last LR [default: 10 fastai, 1.0 smith]"),
+                out: Path = typer.Option(Path("lr_find"), help="folder for lr_find.png and lr_find.json (a run folder works)"),
+                size: int = typer.Option(64, help="input size in pixels"),
+                stem: Stem = typer.Option(Stem.cifar, help="model stem, as for fit"),
+                precision: Precision = typer.Option(Precision.auto, help="as for fit"),
+                classes: Optional[int] = typer.Option(None, help="the first N classes only"),
+                train_per_class: Optional[int] = typer.Option(None, help="the first M training images of each class")):
+    """Run an LR range test on a fresh model; print and save the suggested learning rate."""
+    from tinyfast.lr_range import find_lr
+    result = run_safely(find_lr, data=data, bs=bs, mode=mode.value, num_it=num_it, start_lr=start_lr, end_lr=end_lr,
+                        out=out, size=size, stem=stem.value, precision=precision.value, classes=classes,
+                        train_per_class=train_per_class)
+    for w in result.warnings:
+        typer.echo(f"warning: {w}", err=True)
+    typer.echo(f"suggested lr {result.suggested_lr:.3g} ({result.reason}); plot: {out / 'lr_find.png'}")
+
+
+def _load(run_dir: Path, data: Optional[Path], precision: Optional[Precision] = None):
+    from tinyfast.train import load_run
+    return run_safely(load_run, run_dir, data=data, precision=precision.value if precision else None)
+
+
+def _out(run_dir: Path, out: Optional[Path]) -> Path:
+    return out if out is not None else run_dir
+
+
+def _report(folder: Path):
+    from tinyfast.report import write_report
+    if (folder / "config.json").exists():
+        typer.echo(f"report: {write_report(folder)}")
+
+
+@app.command()
+def evaluate(run_dir: Path = typer.Argument(..., help="a run folder written by fit"),
+             data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
+             tta: bool = typer.Option(False, help="average the predictions of each image and its horizontal flip"),
+             temperature: bool = typer.Option(False, help="fit a temperature on half the val set, report calibration on the other half"),
+             out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR]"),
+             precision: Optional[Precision] = typer.Option(None, help="[default: the run's]")):
+    """Val loss, top-1/top-5, per-class accuracy and calibration (ECE, NLL, reliability.png)."""
+    from tinyfast.interpret import evaluate as evaluate_run
+    learn = _load(run_dir, data, precision)
+    res = run_safely(evaluate_run, learn, _out(run_dir, out), tta=tta, temperature=temperature)
+    typer.echo(f"val top-1 {res['accuracy']:.4f}  top-5 {res['top5']:.4f}  loss {res['loss']:.4f}  "
+               f"ECE {res.get('ece', float('nan')):.4f}  NLL {res.get('nll', float('nan')):.4f}  n={res['n']}"
+               + ("  (flip TTA)" if tta else ""))
+    if temperature and "temperature" in res:
+        typer.echo(f"temperature {res['temperature']:.3f} fitted on {res['n_fit']} images; on the other {res['n_report']}: "
+                   f"ECE {res['ece_before']:.4f} -> {res['ece_after']:.4f}, NLL {res['nll_before']:.4f} -> {res['nll_after']:.4f}")
+    _report(_out(run_dir, out))
+
+
+@app.command()
+def interpret(run_dir: Path = typer.Argument(..., help="a run folder written by fit"),
+              data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
+              top: int = typer.Option(16, help="how many top-loss images to show"),
+              pairs: int = typer.Option(10, help="most-confused pairs whose classes make up confusion.png"),
+              out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR]"),
+              precision: Optional[Precision] = typer.Option(None, help="[default: the run's]")):
+    """Top losses, the confusion among the most confused classes, and most_confused.csv, from one prediction pass."""
+    from tinyfast.interpret import interpret as interpret_run
+    learn = _load(run_dir, data, precision)
+    res = run_safely(interpret_run, learn, _out(run_dir, out), top=top, pairs=pairs)
+    for k, v in res.items():
+        if isinstance(v, Path):
+            typer.echo(f"{k}: {v}")
+    _report(_out(run_dir, out))
+
+
+@app.command()
+def gradcam(run_dir: Path = typer.Argument(..., help="a run folder written by fit"),
+            data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
+            n: int = typer.Option(16, help="images in the grid (half correct, half wrong where possible)"),
+            method: List[str] = typer.Option(["gradcam"], help="gradcam, gradcam++, eigencam, scorecam, layercam, xgradcam, hirescam; repeat for several"),
+            layer: Optional[str] = typer.Option(None, help="target module, e.g. layer3 or layer4.1 [default: the last residual stage]"),
+            images: Optional[List[Path]] = typer.Option(None, help="images to explain instead of val images; repeat for several"),
+            score: bool = typer.Option(False, help="localisation score against the val boxes: pointing game and energy in the box"),
+            limit: Optional[int] = typer.Option(None, help="score on the first N val images only"),
+            out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR]")):
+    """Grad-CAM heat-maps of correct and wrong predictions, and how well they point at the object."""
+    from tinyfast.cam import gradcam as gradcam_run
+    learn = _load(run_dir, data)
+    res = run_safely(gradcam_run, learn, _out(run_dir, out), n=n, methods=method, layer=layer, images=images,
+                     score=score, limit=limit)
+    for m, s in (res.get("scores") or {}).items():
+        typer.echo(f"{m}: pointing game {s['pointing_game']:.3f}, energy in box {s['energy_in_box']:.3f} "
+                   f"(baseline {s['box_area_fraction']:.3f}) over {s['n']} images")
+    _report(_out(run_dir, out))
+
+
+@app.command()
+def predict(run_dir: Path = typer.Argument(..., help="a run folder written by fit"),
+            images: List[Path] = typer.Argument(..., help="image files, any size or mode"),
+            topk: int = typer.Option(5, help="classes to show per image"),
+            cam: bool = typer.Option(False, help="also save the Grad-CAM overlay of the top class next to each image"),
+            data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]")):
+    """Top-k classes (wnid, name, probability) for any images."""
+    from tinyfast.predict import predict_images, save_cam_overlays
+    learn = _load(run_dir, data)
+    for r in run_safely(predict_images, learn, images, topk=topk):
+        typer.echo(f"{r['path']}: " + ", ".join(f"{w} {name} {p:.3f}" for w, name, p in r["top"]))
+    if cam:
+        for path in run_safely(save_cam_overlays, learn, images):
+            typer.echo(f"cam: {path}")
+
+
+@app.command()
+def compare(run_dirs: List[Path] = typer.Argument(..., help="run folders written by fit"),
+            out: Path = typer.Option(Path("compare"), help="folder for compare.png, compare.md, compare.csv"),
+            at: float = typer.Option(0.5, help="accuracy threshold for the time-to column")):
+    """Runs side by side: curves against epoch and wall time, and a table of what differs and how it ended."""
+    from tinyfast.compare import write_comparison
+    res = run_safely(write_comparison, run_dirs, out_dir=out, at=at)
+    typer.echo(res["md"].read_text())
+    typer.echo(f"written: {res['png']}, {res['md']}, {res['csv']}")
+
+
+@app.command()
+def demo(out: Optional[Path] = typer.Option(None, help="run folder [default: runs/demo-<timestamp>]"),
+         data: Path = typer.Option(Path("data/demo"), help="where the generated dataset goes (reused when present)"),
+         epochs: int = typer.Option(6, help="epochs of fit_one_cycle"),
+         size: int = typer.Option(32, help="input size in pixels"),
+         classes: int = typer.Option(10, help="classes in the generated dataset"),
+         precision: Precision = typer.Option(Precision.auto, help="as for fit")):
+    """The whole pipeline on a generated dataset (no download, ~3 min on 2 CPU cores): LR range test,
+    fit_one_cycle, evaluate, interpret, Grad-CAM with its localisation score, and the report."""
+    from tinyfast.demo import run_demo
+    res = run_safely(run_demo, out=out, data=data, epochs=epochs, size=size, classes=classes,
+                     precision=precision.value, command=command_line())
+    typer.echo(f"demo done in {res['seconds']:.0f} s: val accuracy {res['accuracy']:.3f} "
+               f"(chance {1 / classes:.3f}); report: {res['report']}")
+
+
+@bench_app.command("data")
+def bench_data_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+                   bs: int = typer.Option(256, help="batch size"),
+                   size: int = typer.Option(64, help="input size in pixels"),
+                   num_workers: Optional[int] = typer.Option(None, help="tinyfast loader workers [default: as fit]"),
+                   baseline_workers: int = typer.Option(2, help="workers of the hand-written baseline loader"),
+                   classes: Optional[int] = typer.Option(None, help="the first N classes only"),
+                   train_per_class: Optional[int] = typer.Option(None, help="the first M training images of each class"),
+                   passes: int = typer.Option(2, help="passes over the data; the last one is timed"),
+                   naive: bool = typer.Option(True, help="also time fastai's ordinary per-item loader (no cache), for context")):
+    """tinyfast's train loader against a hand-written torch Dataset + DataLoader, same files, same run."""
+    from tinyfast.bench import bench_data, format_bench_data
+    res = run_safely(bench_data, data=data, bs=bs, size=size, num_workers=num_workers,
+                     baseline_workers=baseline_workers, classes=classes, train_per_class=train_per_class, passes=passes,
+                     naive=naive)
+    typer.echo(format_bench_data(res))
+
+
+@bench_app.command("train")
+def bench_train_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: a generated dataset]"),
+                    size: int = typer.Option(64, help="input size in pixels"),
+                    bs: int = typer.Option(64, help="batch size"),
+                    steps: int = typer.Option(5, help="timed training steps"),
+                    warmup: int = typer.Option(2, help="untimed steps first"),
+                    precision: Precision = typer.Option(Precision.auto, help="tinyfast's precision"),
+                    channels_last: bool = typer.Option(True, help="tinyfast's memory format"),
+                    stem: Stem = typer.Option(Stem.cifar, help="model stem"),
+                    num_workers: Optional[int] = typer.Option(None, help="tinyfast loader workers [default: as fit]"),
+                    classes: Optional[int] = typer.Option(None, help="with --data: the first N classes only"),
+                    train_per_class: Optional[int] = typer.Option(None, help="with --data: the first M training images of each class"),
+                    lr: float = typer.Option(0.01, help="learning rate of both loops")):
+    """Training images/s of tinyfast's Learner next to a plain PyTorch fp32 loop (and, on a GPU, the FLOP bound)."""
+    from tinyfast.bench import bench_train, format_bench_train
+    res = run_safely(bench_train, data=data, size=size, bs=bs, steps=steps, warmup=warmup, precision=precision.value,
+                     channels_last=channels_last, stem=stem.value, num_workers=num_workers, classes=classes,
+                     train_per_class=train_per_class, lr=lr)
+    typer.echo(format_bench_train(res))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,135 @@
+"""Training runs: it learns, run folders are complete and never overwritten, resume == uninterrupted,
+NaN stops with a message, ReduceLROnPlateau really lowers the LR, checkpoints are atomic."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from fastai.callback.core import Callback
+
+from tinyfast.train import METRIC_COLUMNS, NonFiniteLoss, RunError, RunInterrupted, atomic_save, fit, load_run
+
+SMALL = dict(size=16, bs=16, quiet=True)  # runs that only check mechanics
+LEARN = dict(size=32, bs=16, quiet=True)  # runs that must learn
+
+
+@pytest.fixture(scope="module")
+def run(tiny_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "first"
+    return fit(tiny_root, epochs=4, lr=0.05, out=out, **LEARN)
+
+
+def test_fit_learns_and_writes_a_complete_run_folder(run, tiny_root):
+    assert run.best_accuracy >= 0.5  # 4 classes: chance is 0.25
+    names = {p.name for p in run.run_dir.iterdir()}
+    assert {"config.json", "summary.txt", "metrics.csv", "curves.png", "schedule.png", "model.pth",
+            "learner.pkl", "checkpoint.pth"} <= names
+    rows = list(csv.DictReader(open(run.run_dir / "metrics.csv")))
+    assert tuple(rows[0]) == METRIC_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert max(float(r["accuracy"]) for r in rows) == pytest.approx(run.best_accuracy)
+    cfg = json.loads((run.run_dir / "config.json").read_text())
+    assert cfg["args"]["epochs"] == 4 and cfg["args"]["lr"] == 0.05 and cfg["dataset"]["classes"] == 4
+    assert "torch" in cfg["versions"] and cfg["command"]
+    assert "ResNet" in (run.run_dir / "summary.txt").read_text()
+
+
+def test_best_weights_reload(run):
+    learn = load_run(run.run_dir)
+    with learn.no_bar(), learn.no_logging():
+        _, acc, _ = learn.validate()
+    assert acc == pytest.approx(run.best_accuracy)
+
+
+def test_exported_learner_loads_in_a_fresh_process(run, tiny_root):
+    img = next((tiny_root / "val" / "images").iterdir())
+    code = ("from fastai.learner import load_learner; import sys; "
+            f"l = load_learner(r'{run.run_dir / 'learner.pkl'}'); print(l.predict(r'{img}')[0])")
+    repo = Path(__file__).resolve().parents[1]  # tinyfast importable, as for a user in the checkout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("n")
+
+
+def test_existing_run_folder_is_never_overwritten(run, tiny_root):
+    before = (run.run_dir / "metrics.csv").read_text()
+    with pytest.raises(RunError, match="already exists"):
+        fit(tiny_root, epochs=1, out=run.run_dir, **SMALL)
+    assert (run.run_dir / "metrics.csv").read_text() == before
+
+
+class InterruptAt(Callback):
+    def __init__(self, epoch, it):
+        self.at = (epoch, it)
+
+    def before_batch(self):
+        if self.training and (self.epoch, self.iter) == self.at:
+            raise KeyboardInterrupt
+
+
+def test_resume_ends_where_an_uninterrupted_run_ends(run, tiny_root, tmp_path):
+    out = tmp_path / "cut"
+    with pytest.raises(RunInterrupted, match="--resume"):
+        fit(tiny_root, epochs=4, lr=0.05, out=out, cbs=[InterruptAt(2, 1)], **LEARN)
+    assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 2
+    resumed = fit(tiny_root, out=out, resume=True, quiet=True)
+    full = torch.load(run.run_dir / "checkpoint.pth", weights_only=False)
+    cut = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert cut["epoch"] == full["epoch"] == 4
+    for k, v in full["model"].items():
+        assert torch.allclose(v.float(), cut["model"][k].float(), atol=1e-5), k
+    assert cut["lrs"] == pytest.approx(full["lrs"])  # same schedule position
+    assert [r["accuracy"] for r in cut["rows"]] == [r["accuracy"] for r in full["rows"]]
+    assert resumed.best_accuracy == pytest.approx(run.best_accuracy)
+
+
+class PoisonBatch(Callback):
+    order = 5
+
+    def before_batch(self):
+        if self.training and self.epoch == 0 and self.iter == 2:
+            self.learn.xb = (self.xb[0] * math.nan,)
+
+
+def test_nan_loss_stops_with_epoch_and_batch(tiny_root, tmp_path):
+    with pytest.raises(NonFiniteLoss, match="epoch 1, batch 3"):
+        fit(tiny_root, epochs=2, lr=0.05, out=tmp_path / "nan", cbs=[PoisonBatch()], **SMALL)
+
+
+def test_plateau_schedule_really_lowers_the_lr(tiny_root, tmp_path):
+    # with 4 classes top-5 is 1.0 from the first epoch on: a plateau by construction, so after epoch 2
+    # (patience 1) the LR must be divided by 10 in the optimizer itself (fastai #4046: not with OptimWrapper)
+    r = fit(tiny_root, epochs=3, lr=0.05, schedule="plateau", monitor="top5", patience=1, factor=10,
+            out=tmp_path / "plateau", **SMALL)
+    ck = torch.load(r.run_dir / "checkpoint.pth", weights_only=False)
+    per_epoch = len(ck["lrs"]) // 3
+    assert set(ck["lrs"][:2 * per_epoch]) == {0.05}
+    assert ck["lrs"][2 * per_epoch:] == pytest.approx([0.005] * per_epoch)
+    assert ck["lr"] == pytest.approx(0.0005)  # and again after epoch 3, for the next epoch
+
+
+def test_bad_schedule_is_refused(tiny_root, tmp_path):
+    with pytest.raises(RunError, match="schedule"):
+        fit(tiny_root, epochs=1, schedule="cosine", out=tmp_path / "x", **SMALL)
+
+
+def test_atomic_save_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoint.pth"
+    atomic_save({"a": torch.ones(3)}, target)
+
+    def dying_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("killed mid-save")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError):
+        atomic_save({"a": torch.zeros(3)}, target)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(target)["a"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
