@@ -62,7 +62,8 @@ __all__ = [
 ROOT_NAME = "tiny-imagenet-200"
 JPEG_QUALITY = 90
 
-# Shapes are drawn inside the object's box; the unit-square coordinates below are scaled to it.
+# Shapes are drawn to fill the object's box.  The most dissimilar come first, so that the small
+# fixtures (the first 2-3 shapes) are learnable from a few dozen images per class.
 SHAPES: tuple[str, ...] = ("circle", "cross", "triangle", "square", "ring", "star", "bars", "diamond")
 
 # Saturated colours, clearly apart from the desaturated background (RGB).
@@ -115,10 +116,10 @@ def class_spec(label: int) -> ClassSpec:
     """Map a class index to a distinct (shape, colour, texture).
 
     The shape x colour grid is filled in growing squares: classes 0-3 are the 2x2 block
-    {circle, square} x {red, green}, classes 0-8 the 3x3 block, and so on.  So for any small
-    class count neither colour alone nor shape alone identifies the class: a model (and the
-    mean colour of the image certainly) cannot shortcut the task, it has to find the object and
-    read both its shape and its colour.  Textures come in once all 64 pairs are used.
+    {circle, cross} x {red, green}, classes 0-8 the 3x3 block, and so on.  So even with a few
+    classes neither colour alone nor shape alone identifies the class, and the image's mean
+    colour is a poor shortcut: a model has to find the object and read both its shape and its
+    colour.  Textures come in once all 64 shape x colour pairs are used.
     """
     if not 0 <= label < MAX_CLASSES:
         raise ValueError(f"class index {label} outside [0, {MAX_CLASSES})")
@@ -198,7 +199,7 @@ def _draw_shape_mask(shape: str, size: int, x: float, y: float, w: float, h: flo
 
 
 def _texture_factor(texture: str, size: int) -> np.ndarray | float:
-    """Brightness multiplier over the image grid; textures survive JPEG at period 4 px."""
+    """Brightness multiplier over the image grid (periods of 4-6 px survive JPEG quality 90)."""
     if texture == "solid":
         return 1.0
     yy, xx = np.indices((size, size))
@@ -207,7 +208,7 @@ def _texture_factor(texture: str, size: int) -> np.ndarray | float:
         "checkered": ((xx // 3) + (yy // 3)) % 2 == 0,
         "hatched": ((xx + yy) // 2) % 2 == 0,
     }[texture]
-    return np.where(on, 1.0, 0.4).astype(np.float32)
+    return np.where(on, np.float32(1), np.float32(0.4))
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -238,8 +239,8 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     """The generator that renders image `index` of `split` (train index = label * n_train + i).
 
-    One generator per image makes every image reproducible on its own, independent of how many
-    images or classes were generated around it.
+    One generator per image makes every image reproducible on its own from (seed, split, index),
+    e.g. to re-render it without its object, without replaying the images before it.
     """
     return np.random.default_rng((seed, _SPLIT_CODES[split], index))
 
@@ -262,15 +263,15 @@ def render_sample(
     x, y = rng.uniform(0, size - 1 - w), rng.uniform(0, size - 1 - h)
     mask = _draw_shape_mask(spec.shape, size, x, y, w, h)
 
-    colour = np.clip(np.array(COLOURS[spec.colour], np.float32) + rng.normal(0, 12, 3), 0, 255)
+    colour = np.clip(np.array(COLOURS[spec.colour]) + rng.normal(0, 12, 3), 0, 255).astype(np.float32)
     factor = _texture_factor(spec.texture, size)
     factor = factor[..., None] if isinstance(factor, np.ndarray) else factor
     sensor_noise = 6 * rng.standard_normal((size, size, 3), dtype=np.float32)
 
     image = bg
     if draw_object:
-        alpha = mask[..., None].astype(np.float32) / 255.0
-        image = bg * (1 - alpha) + (colour * factor) * alpha
+        alpha = mask[..., None].astype(np.float32) / np.float32(255)
+        image = bg * (1 - alpha) + (colour * factor) * alpha  # float32 throughout: equals bg off the mask
     image = np.clip(image + sensor_noise, 0, 255).astype(np.uint8)
 
     ys, xs = np.nonzero(mask)
