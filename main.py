@@ -108,8 +108,10 @@ def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                         precision=precision.value, num_workers=num_workers, monitor=monitor, patience=patience,
                         factor=factor, classes=classes, train_per_class=train_per_class, aug=aug,
                         lr_iterations=lr_iterations, command=command_line())
-    typer.echo(f"best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch}, "
-               f"{result.seconds:.0f} s of training; run folder: {result.run_dir}")
+    from tinyfast.distributed import is_main_process
+    if is_main_process():
+        typer.echo(f"best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch}, "
+                   f"{result.seconds:.0f} s of training; run folder: {result.run_dir}")
 
 
 def _float(text: str, flag: str) -> float:

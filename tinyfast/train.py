@@ -34,6 +34,8 @@ from fastcore.xtras import ContextManagers
 from fastai.torch_core import set_seed
 
 from .data import tiny_imagenet_dls
+from .distributed import (distributed_context, is_main_process, main_process_first, on_main,
+                          setup_distributed, unwrap_model, world_size)
 from .learner import FastDevice, tiny_learner
 
 SCHEDULES = ("one-cycle", "plateau")
@@ -122,6 +124,7 @@ class RunLogger(Callback):
         self.moms: list[float] = start.get("moms", [])
         self.start_epoch: int = start.get("epoch", 0)
         self.best = max((r["accuracy"] for r in self.rows), default=-1.0)
+        self.writes = is_main_process()  # every rank keeps the rows (metrics are gathered), rank 0 writes
 
     @property
     def best_epoch(self) -> int | None:
@@ -144,12 +147,16 @@ class RunLogger(Callback):
         elapsed = (self.rows[-1]["elapsed"] if self.rows else 0.0) + seconds
         self.rows.append(dict(epoch=self.epoch + 1, train_loss=train_loss, valid_loss=valid_loss, accuracy=acc,
                               top5=top5, time=round(seconds, 3), elapsed=round(elapsed, 3)))
-        if acc > self.best:
-            self.best = acc
-            atomic_save(self.learn.model.state_dict(), self.run_dir / "model.pth")
+        improved = acc > self.best
+        self.best = max(self.best, acc)
+        if not self.writes:
+            return
+        model = unwrap_model(self.learn.model)
+        if improved:
+            atomic_save(model.state_dict(), self.run_dir / "model.pth")
         self.write_metrics()
         plateau = getattr(self.learn, "plateau", None)
-        atomic_save(dict(model=self.learn.model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch + 1,
+        atomic_save(dict(model=model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch + 1,
                          dl_rng=self.dls.train.rng.getstate(), py_rng=random.getstate(), np_rng=np.random.get_state(),
                          torch_rng=torch.get_rng_state(), rows=self.rows, lrs=self.lrs, moms=self.moms,
                          lr=float(self.opt.hypers[-1]["lr"]),
@@ -266,6 +273,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         raise RunError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
     if epochs < 1:
         raise RunError(f"--epochs must be at least 1, not {epochs}")
+    setup_distributed()  # a no-op unless launched by torchrun / accelerate launch
     start = None
     if resume:
         run_dir = Path(out) if out is not None else latest_run()
@@ -275,31 +283,40 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         args = {**saved["args"], **({"data": str(data)} if data is not None else {})}
         start = torch.load(run_dir / "checkpoint.pth", weights_only=False)
     else:
-        run_dir = new_run_dir(out)
+        run_dir = on_main(new_run_dir, out)  # one folder, named by rank 0
     a = args
     set_seed(a["seed"])
-    dls = tiny_imagenet_dls(a["data"], bs=a["bs"], size=a["size"], num_workers=a["num_workers"],
-                            aug=None if a["aug"] else False, classes=a["classes"], train_per_class=a["train_per_class"])
+    with main_process_first():  # rank 0 decodes the image cache, the others reuse it
+        dls = tiny_imagenet_dls(a["data"], bs=a["bs"], size=a["size"], num_workers=a["num_workers"],
+                                aug=None if a["aug"] else False, classes=a["classes"],
+                                train_per_class=a["train_per_class"])
     learn = tiny_learner(dls, stem=a["stem"], wd=a["wd"], mom=a["mom"], label_smoothing=a["label_smoothing"],
                          precision=a["precision"])
     learn.path, learn.model_dir = run_dir, "."
-    if start is None:
+    main, processes = is_main_process(), world_size()
+
+    def start_run():  # rank 0 alone (on_main): it writes the files; the others take its LR
         summary = learn.summary()
         (run_dir / "summary.txt").write_text(summary)
         if not quiet:
             print(summary)
-        config = {"command": command or shlex.join([Path(sys.executable).name] + sys.argv), "args": args,
-                  "versions": versions(), "device": str(dls.device), "dataset": dataset_info(dls),
+        config = {"command": command or shlex.join([Path(sys.executable).name] + sys.argv), "args": dict(args),
+                  "versions": versions(), "device": str(dls.device), "processes": processes,
+                  "dataset": dataset_info(dls),
                   "started": datetime.now().isoformat(timespec="seconds")}
         atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
-        if a["lr"] == "auto":
-            from .lr_range import lr_range_test, write_lr_range
-            result = lr_range_test(learn, mode="fastai", num_it=a["lr_iterations"])
-            write_lr_range(result, run_dir)
-            a["lr"] = result.suggested_lr
-            config["args"]["lr_picked"] = a["lr"]
-            atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
-            print(f"lr auto: {a['lr']:.3g} ({result.reason}); curve in {run_dir / 'lr_find.png'}")
+        if a["lr"] != "auto":
+            return a["lr"]
+        from .lr_range import lr_range_test, write_lr_range
+        result = lr_range_test(learn, mode="fastai", num_it=a["lr_iterations"])
+        write_lr_range(result, run_dir)
+        config["args"]["lr_picked"] = result.suggested_lr
+        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+        print(f"lr auto: {result.suggested_lr:.3g} ({result.reason}); curve in {run_dir / 'lr_find.png'}")
+        return result.suggested_lr
+
+    if start is None:
+        a["lr_picked"] = on_main(start_run)
     lr = float(a.get("lr_picked", a["lr"]))
     logger = RunLogger(run_dir, start)
     run_cbs = [logger, StopOnNaN()] + list(cbs or [])
@@ -318,32 +335,35 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         torch.set_rng_state(start["torch_rng"])
         if a["schedule"] == "plateau":
             lr = start["lr"]
-        if not quiet:
+        if not quiet and main:
             print(f"resuming {run_dir} after epoch {start_epoch}/{a['epochs']}")
     t0 = time.perf_counter()
     try:
         ctx = ContextManagers([learn.no_bar(), learn.no_logging()]) if quiet else nullcontext()
-        with ctx:
+        with ctx, distributed_context(learn):
             if a["schedule"] == "one-cycle":
                 learn.fit_one_cycle(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
             else:
                 learn.fit(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
     except KeyboardInterrupt:
         _cleanup(learn)
-        atomic_save(learn.model.state_dict(), run_dir / "interrupted.pth")
-        write_plots(run_dir, logger)
+        if main:
+            atomic_save(unwrap_model(learn.model).state_dict(), run_dir / "interrupted.pth")
+            write_plots(run_dir, logger)
         done = logger.rows[-1]["epoch"] if logger.rows else 0
         raise RunInterrupted(f"interrupted during epoch {done + 1}; checkpoint after epoch {done} is in {run_dir}: "
                              f"continue with `python main.py fit --out {run_dir} --resume`") from None
     except NonFiniteLoss:
         _cleanup(learn)
-        write_plots(run_dir, logger)
+        if main:
+            write_plots(run_dir, logger)
         raise
     seconds = time.perf_counter() - t0
-    write_plots(run_dir, logger)
-    if (run_dir / "model.pth").exists():
+    if (run_dir / "model.pth").exists():  # complete on every rank: distributed_context waits for rank 0
         learn.model.load_state_dict(torch.load(run_dir / "model.pth"))
-    learn.export("learner.pkl")
+    if main:
+        write_plots(run_dir, logger)
+        learn.export("learner.pkl")
     return FitResult(learn, run_dir, logger.best, logger.best_epoch, seconds)
 
 
