@@ -99,6 +99,7 @@ def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
             classes: Optional[int] = typer.Option(None, help="train on the first N classes only (a real subset)"),
             train_per_class: Optional[int] = typer.Option(None, help="use the first M training images of each class"),
             aug: bool = typer.Option(True, help="the default Albumentations policy on the training split"),
+            lr_mode: Mode = typer.Option(Mode.smith, help="--lr auto: which LR range test picks the LR (fastai's valley suits Adam, not SGD)"),
             lr_iterations: int = typer.Option(100, help="--lr auto: iterations of the LR range test")):
     """Train the ResNet18 and write a run folder (metrics, curves, model, learner.pkl, the exact command)."""
     from tinyfast.train import fit
@@ -107,7 +108,7 @@ def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                         label_smoothing=label_smoothing, size=size, stem=stem.value, out=out, resume=resume, seed=seed,
                         precision=precision.value, num_workers=num_workers, monitor=monitor, patience=patience,
                         factor=factor, classes=classes, train_per_class=train_per_class, aug=aug,
-                        lr_iterations=lr_iterations, command=command_line())
+                        lr_mode=lr_mode.value, lr_iterations=lr_iterations, command=command_line())
     from tinyfast.distributed import is_main_process
     if is_main_process():
         typer.echo(f"best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch}, "
@@ -302,6 +303,24 @@ def bench_train_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP + "
                      train_per_class=train_per_class, lr=lr)
     typer.echo(format_bench_train(res))
 
+
+
+@bench_app.command("recipe")
+def bench_recipe_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+                     classes: int = typer.Option(10, help="the first N classes (a real subset)"),
+                     train_per_class: Optional[int] = typer.Option(200, help="the first M training images of each class"),
+                     size: int = typer.Option(32, help="input size in pixels"),
+                     bs: int = typer.Option(64, help="batch size"),
+                     epochs: int = typer.Option(6, help="epochs of one-cycle"),
+                     lr: float = typer.Option(0.1, help="peak learning rate"),
+                     seed: List[int] = typer.Option([0, 1], help="seeds; repeat the flag for several"),
+                     precision: List[str] = typer.Option(["auto", "fp32"], help="tinyfast precisions to run; repeat"),
+                     plain: bool = typer.Option(True, help="also train the plain PyTorch loop of the same recipe")):
+    """Accuracy on a real subset: tinyfast against a plain PyTorch loop of the same recipe, and bf16 against fp32."""
+    from tinyfast.bench import bench_recipe, format_bench_recipe
+    rows = run_safely(bench_recipe, data=data, classes=classes, train_per_class=train_per_class, size=size, bs=bs,
+                      epochs=epochs, lr=lr, seeds=tuple(seed), precisions=tuple(precision), plain=plain)
+    typer.echo(format_bench_recipe(rows))
 
 if __name__ == "__main__":
     app()

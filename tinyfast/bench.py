@@ -73,9 +73,10 @@ class HandWrittenDataset(torch.utils.data.Dataset):
     every epoch, then the same Albumentations policy as tinyfast plus `Normalize`, per item, in the workers.
     Images not at `size` are resized as tinyfast's cache does (INTER_AREA), so both serve the same tensors."""
 
-    def __init__(self, files: list[Path], labels: list[int], size: int = 64):
+    def __init__(self, files: list[Path], labels: list[int], size: int = 64, augment: bool = True):
         self.files, self.labels, self.size = [str(f) for f in files], list(labels), size
-        self.tfm = alb.Compose([default_augmentation(size), alb.Normalize(mean=TINY_MEAN, std=TINY_STD)])
+        policy = [default_augmentation(size)] if augment else []
+        self.tfm = alb.Compose(policy + [alb.Normalize(mean=TINY_MEAN, std=TINY_STD)])
 
     def __len__(self) -> int:
         return len(self.files)
@@ -346,4 +347,99 @@ def format_bench_train(result: dict) -> str:
         lines.append(f"  measured bf16 matmul: {r['matmul_tflops']:.0f} TFLOP/s -> FLOP-bound limit "
                      f"{r['flop_bound_img_s']:,.0f} img/s; tinyfast reaches "
                      f"{r['tinyfast_img_s'] / r['flop_bound_img_s']:.1%} of it")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The same recipe, learned by tinyfast and by a plain PyTorch loop
+# ---------------------------------------------------------------------------------------------------------
+def plain_loop_fit(train: HandWrittenDataset, valid: HandWrittenDataset, n_classes: int, epochs: int, bs: int,
+                   lr: float, wd: float = 5e-4, label_smoothing: float = 0.1, seed: int = 0, num_workers: int = 2,
+                   stem: str = "cifar") -> list[dict]:
+    """tinyfast's recipe written by hand, as a PyTorch user would: the same ResNet18, fp32, one-cycle LR and
+    momentum as fastai's `fit_one_cycle` (pct_start 0.25, div 25, final div 1e5, momentum 0.95-0.85-0.95),
+    SGD with decoupled weight decay kept off BatchNorm and biases, label-smoothed cross-entropy, the same
+    Albumentations policy. Returns a row per epoch (val accuracy, cumulative seconds)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    model = resnet18(n_classes, stem=stem)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay}, {"params": no_decay}], lr=lr, momentum=0.95)
+    train_dl = torch.utils.data.DataLoader(train, bs, shuffle=True, drop_last=True, num_workers=num_workers,
+                                           generator=g, persistent_workers=num_workers > 0)
+    valid_dl = torch.utils.data.DataLoader(valid, bs * 2, num_workers=num_workers)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(train_dl), pct_start=0.25,
+                                                div_factor=25, final_div_factor=1e5, base_momentum=0.85,
+                                                max_momentum=0.95)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    rows, start = [], time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        for xb, yb in train_dl:
+            loss = loss_fn(model(xb), yb)
+            opt.zero_grad()
+            loss.backward()
+            with torch.no_grad():  # decoupled weight decay, as fastai's SGD applies it
+                for p in decay:
+                    p.mul_(1 - opt.param_groups[0]["lr"] * wd)
+            opt.step()
+            sched.step()
+        model.eval()
+        correct = n = 0
+        with torch.no_grad():
+            for xb, yb in valid_dl:
+                correct += (model(xb).argmax(1) == yb).sum().item()
+                n += len(yb)
+        rows.append({"epoch": epoch + 1, "accuracy": correct / n, "elapsed": time.perf_counter() - start})
+    return rows
+
+
+def bench_recipe(data: Path | str | None = None, classes: int = 10, train_per_class: int | None = 200,
+                 size: int = 32, bs: int = 64, epochs: int = 6, lr: float = 0.1, seeds: tuple[int, ...] = (0, 1),
+                 precisions: tuple[str, ...] = ("auto", "fp32"), plain: bool = True) -> list[dict]:
+    """Does tinyfast learn a real subset at least as well as a plain PyTorch loop of the same recipe, and does
+    bf16 reach fp32's accuracy? One row per (trainer, precision, seed): best and final val top-1, seconds."""
+    from .data import tiny_imagenet_files
+    from .train import fit
+
+    root = resolve_dataset(data)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="tinyfast-recipe-") as tmp:
+        for seed in seeds:
+            for precision in precisions:
+                r = fit(root, epochs=epochs, bs=bs, lr=lr, size=size, classes=classes, train_per_class=train_per_class,
+                        seed=seed, precision=precision, out=Path(tmp) / f"tinyfast-{precision}-{seed}", quiet=True)
+                accs = [m["accuracy"] for m in _metrics(r.run_dir)]
+                rows.append({"trainer": "tinyfast", "precision": DTYPE_NAMES[autocast_dtype(precision, r.learn.dls.device)],
+                             "seed": seed, "best": max(accs),
+                             "final": accs[-1], "seconds": r.seconds, "accuracies": accs})
+            if plain:
+                wnids, files, val_wnids = tiny_imagenet_files(root, classes, train_per_class)
+                o2i = {w: i for i, w in enumerate(wnids)}
+
+                def label(f: Path) -> int:
+                    return o2i[val_wnids[f.name]] if f.parent.parent.name == "val" else o2i[f.parent.parent.name]
+
+                tr = [f for f in files if f.parent.parent.name != "val"]
+                va = [f for f in files if f.parent.parent.name == "val"]
+                m = plain_loop_fit(HandWrittenDataset(tr, [label(f) for f in tr], size),
+                                   HandWrittenDataset(va, [label(f) for f in va], size, augment=False),
+                                   len(wnids), epochs, bs, lr, seed=seed)
+                accs = [r["accuracy"] for r in m]
+                rows.append({"trainer": "plain PyTorch", "precision": "fp32", "seed": seed, "best": max(accs),
+                             "final": accs[-1], "seconds": m[-1]["elapsed"], "accuracies": accs})
+    return rows
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    from .train import read_metrics
+    return read_metrics(run_dir)
+
+
+def format_bench_recipe(rows: list[dict]) -> str:
+    lines = ["| trainer | precision | seed | best top-1 | final top-1 | seconds | top-1 per epoch |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['trainer']} | {r['precision']} | {r['seed']} | {r['best']:.3f} | {r['final']:.3f} | "
+                     f"{r['seconds']:.0f} | {' '.join(f'{a:.3f}' for a in r['accuracies'])} |")
     return "\n".join(lines)

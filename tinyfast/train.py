@@ -262,9 +262,10 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         size: int = 64, stem: str = "cifar", out: Path | str | None = None, resume: bool = False, seed: int = 42,
         precision: str = "auto", num_workers: int | None = None, monitor: str = "valid_loss", patience: int = 2,
         factor: float = 5.0, classes: int | None = None, train_per_class: int | None = None, aug: bool = True,
-        lr_iterations: int = 100, command: str | None = None, cbs: list | None = None, quiet: bool = False) -> FitResult:
-    """Train and write a run folder. `lr="auto"` runs fastai's LR range test (`lr_iterations` steps) first and
-    uses its suggestion.
+        lr_mode: str = "smith", lr_iterations: int = 100, command: str | None = None, cbs: list | None = None, quiet: bool = False) -> FitResult:
+    """Train and write a run folder. `lr="auto"` first runs the LR range test `lr_mode` ("smith": linear sweep on
+    a held-out loss, the default, as fastai's valley suggests LRs far too low for SGD; or "fastai") for
+    `lr_iterations` steps, and uses its suggestion.
     `schedule="plateau"`: SGD at `lr`, divided by `factor` when `monitor` has not improved for `patience` epochs.
     `resume=True` continues `out` (or the newest run under runs/) from its checkpoint, with its saved settings."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
@@ -308,7 +309,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         if a["lr"] != "auto":
             return a["lr"]
         from .lr_range import lr_range_test, write_lr_range
-        result = lr_range_test(learn, mode="fastai", num_it=a["lr_iterations"])
+        result = lr_range_test(learn, mode=a.get("lr_mode", "smith"), num_it=a["lr_iterations"])
         write_lr_range(result, run_dir)
         config["args"]["lr_picked"] = result.suggested_lr
         atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")

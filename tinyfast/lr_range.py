@@ -1,0 +1,459 @@
+"""Learning-rate range tests that pick the peak LR for `fit_one_cycle`, leaving the Learner as they found it.
+
+Two tests, both a short mock training whose LR grows every step:
+
+* ``mode="fastai"`` is fastai's own `Learner.lr_find`: an exponential sweep (default 1e-7 to 10) read off the
+  smoothed *training* loss, with fastai's four suggestion rules (`valley`, `slide`, `minimum`, `steep`).
+  The suggested LR is `valley`, fastai's default, unless it is unusable.
+* ``mode="smith"`` is Leslie Smith's test (Smith 2017, "Cyclical learning rates"; Smith 2018, "A disciplined
+  approach to neural network hyper-parameters"): a *linear* sweep (default 1e-3 to 1.0), and after every step
+  the loss on a *fixed* set of held-out batches, in eval mode, without gradients. The same images at every
+  step make a curve far less noisy than the training loss of ever-changing batches, and the loss it measures
+  is the one the schedule should improve. It is `SmithLRFinder`, a callback in the idiom of fastai's `LRFinder`.
+  Its suggestion (`smith_rule`) is half the largest LR that converges: the last LR before the smoothed held-out
+  loss climbs out of its bottom (10% of its descent above its minimum), halved by Smith's factor-of-two rule.
+
+Why a linear sweep for Smith's test: SGD with momentum on a BatchNorm ResNet works with peak LRs of about
+0.05-0.5, a range a log sweep from 1e-7 crosses in a dozen steps; a linear sweep to 1.0 spends half of its
+steps there. Its start hardly matters (the second step is already at end_lr/num_it), and 1.0 is well past
+where such a network stops improving, so the curve shows the rise that the rule looks for.
+
+Both tests leave the model exactly as it was: weights and BatchNorm buffers, the optimizer's state and hyper-
+parameters (or no optimizer, if there was none), each module's train/eval mode, and the Recorder's history of
+an earlier `fit`. fastai's `lr_find` alone does not: it saves the optimizer *after* `fit` has reset its LR to
+`learn.lr`, overwrites `recorder.values`/`lrs`/`losses`/`hps` with the sweep, creates an optimizer where there
+was none, leaves the model in train mode, and writes a temporary file (and a `models/` folder) under
+`learn.path`, the dataset root unless set otherwise. Here the state is deep-copied in memory before and put
+back after, whatever happens in between (fastai's `LRFinder` still writes its own copy, to a temporary folder).
+
+fastai issue #3658 (`lr_find` after `fine_tune` raising IndexError/ValueError): `lr_find` slices its curve
+with a fixed ``[num_it//10 : -5]`` and `slide` needs 16 points. When the loss of an already-trained model
+quadruples within a few steps, `stop_div` ends the sweep early, the slice is empty or short, and `argmin` of
+an empty tensor or `lrs[-16]` raises. Here each rule runs only on a curve long enough for it, the trim shrinks
+with the curve, and a rule that cannot run is reported, not raised.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import tempfile
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Iterator
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
+from fastai.callback.schedule import ParamScheduler, SchedLin, minimum, slide, steep, valley
+from fastai.learner import Learner
+from fastai.torch_core import to_float
+from matplotlib.figure import Figure
+
+from .data import tiny_imagenet_dls
+from .learner import tiny_learner
+
+MODES = ("fastai", "smith")
+DEFAULT_RANGE = {"fastai": (1e-7, 10.0), "smith": (1e-3, 1.0)}
+MIN_RELIABLE_POINTS = 20   # below this many points on the curve, no rule is trustworthy: warn
+DIVERGENCE_FACTOR = 4.0    # stop a sweep once its loss is 4x the best so far (fastai's `stop_div`)
+SMITH_RISE = 0.10          # Smith rule: the curve "rises" once it is 10% of its descent above its minimum
+SMITH_FACTOR = 2.0         # ... and the optimum is within a factor of two of the largest converging LR
+FASTAI_ORDER = ("valley", "minimum", "slide", "steep")   # preference when the one before is unusable
+FASTAI_RULES = {"valley": (valley, 1), "minimum": (minimum, 1), "slide": (slide, 16), "steep": (steep, 2)}
+FASTAI_WHY = {"valley": "middle of the longest descending stretch of the training loss (fastai's default)",
+              "minimum": "one tenth of the LR at the lowest training loss",
+              "slide": "where the training-loss slope stops changing, walking down from the divergence",
+              "steep": "the steepest descent of the training loss"}
+
+
+@dataclass
+class LRRangeResult:
+    """One range test: the curve it measured (cut at the first non-finite loss), every rule's suggestion that
+    lies in the swept range, the LR picked and why, and what makes it doubtful."""
+    mode: str
+    suggested_lr: float
+    lrs: list[float]
+    losses: list[float]
+    suggestions: dict[str, float]
+    reason: str
+    warnings: list[str] = field(default_factory=list)
+    start_lr: float = float("nan")
+    end_lr: float = float("nan")
+    num_it: int = 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Leaving the Learner as it was
+# ---------------------------------------------------------------------------------------------------------
+def _training_state(learn: Learner) -> dict:
+    """Deep copies, because a state_dict holds the live tensors that the sweep's steps update in place."""
+    model = learn.model
+    return {"model": copy.deepcopy(model.state_dict()),
+            "modes": [m.training for m in model.modules()],
+            "grads": [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
+            "opt": None if learn.opt is None else copy.deepcopy(learn.opt.state_dict())}
+
+
+def _restore_training_state(learn: Learner, state: dict) -> None:
+    model = learn.model
+    model.load_state_dict(state["model"])   # copies into the existing tensors: their memory format stays
+    for m, training in zip(model.modules(), state["modes"]):
+        m.training = training
+    for p, g in zip(model.parameters(), state["grads"]):
+        p.grad = g
+    if state["opt"] is None:
+        learn.opt = None
+    elif learn.opt is not None:
+        learn.opt.load_state_dict(state["opt"])   # state *and* hypers (lr, mom, wd), as they were
+
+
+_RECORDER_ATTRS = ("lrs", "iters", "losses", "values", "hps", "metric_names")
+_LEARNER_ATTRS = ("epoch", "n_epoch", "train_iter", "pct_train", "final_record", "smooth_loss")
+_MISSING = object()
+
+
+@contextmanager
+def _unchanged(learn: Learner) -> Iterator[None]:
+    """Everything a sweep's `fit` changes, put back afterwards: the training state, and the Recorder's history
+    of an earlier fit (a run folder's metrics.csv and schedule.png are written from it)."""
+    state = _training_state(learn)
+    rec = getattr(learn, "recorder", None)
+    saved = [(obj, name, getattr(obj, name, _MISSING))   # fit rebinds these (new lists): references suffice
+             for obj, names in ((rec, _RECORDER_ATTRS), (learn, _LEARNER_ATTRS)) if obj is not None for name in names]
+    try:
+        yield
+    finally:
+        _restore_training_state(learn, state)
+        for obj, name, value in saved:
+            if value is _MISSING:
+                if name in obj.__dict__:
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, value)
+
+
+@contextmanager
+def _scratch_path(learn: Learner) -> Iterator[None]:
+    """fastai's `LRFinder` saves the model to `learn.path/learn.model_dir`; point that at a temporary folder so
+    that a dataset root (maybe read-only) or a run folder is not touched."""
+    path, model_dir = learn.path, learn.model_dir
+    with tempfile.TemporaryDirectory(prefix="tinyfast-lr-") as tmp:
+        learn.path, learn.model_dir = Path(tmp), "models"
+        try:
+            yield
+        finally:
+            learn.path, learn.model_dir = path, model_dir
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sweeps
+# ---------------------------------------------------------------------------------------------------------
+class _StopAtNonFinite(Callback):
+    """Ends the sweep at the first NaN/inf training loss, before the Recorder logs it, and says at which LR.
+    (fastai's `stop_div` never fires on NaN, so `lr_find` would otherwise train on NaNs to the end.)"""
+    order = -9   # as fastai's TerminateOnNaNCallback: before the Recorder's after_batch
+
+    def __init__(self):
+        self.nonfinite_lr = None
+
+    def after_batch(self):
+        if self.training and not torch.isfinite(self.loss).all():
+            self.nonfinite_lr = float(self.opt.hypers[-1]["lr"])
+            raise CancelFitException()
+
+
+def _fastai_sweep(learn: Learner, start_lr: float, end_lr: float, num_it: int) -> tuple[list, list, float | None]:
+    stop = _StopAtNonFinite()
+    with _scratch_path(learn), learn.added_cbs(stop):
+        learn.lr_find(start_lr, end_lr, num_it, stop_div=True, show_plot=False, suggest_funcs=None)
+    return [float(x) for x in learn.recorder.lrs], [float(x) for x in learn.recorder.losses], stop.nonfinite_lr
+
+
+def held_out_batches(learn: Learner, n_batches: int) -> list[tuple]:
+    """The first `n_batches` batches of `learn.dls.valid` (which does not shuffle), kept as tensors so every
+    step of the sweep is measured on the same images."""
+    batches = [tuple(t.detach() for t in b) for b in islice(learn.dls.valid, n_batches)]
+    if not batches:
+        raise ValueError("smith mode measures the loss on validation batches, but learn.dls.valid is empty")
+    return batches
+
+
+class SmithLRFinder(ParamScheduler):
+    """Leslie Smith's range test as a callback: a linear LR sweep from `start_lr` to `end_lr` over `num_it`
+    training steps, and after each step the loss on the fixed `held_out` batches (eval mode, no_grad, the
+    learner's loss function, under the autocast dtype the learner's `FastDevice` trains with, as `validate`
+    would). Like fastai's `LRFinder` it skips validation, stops when the loss diverges, and puts the model and
+    optimizer back as they were when the fit began; unlike it, it keeps them in memory, not in a file."""
+    order = 60   # a ParamScheduler: after the Recorder, so the step's LR is already logged
+
+    def __init__(self, held_out: list[tuple], start_lr: float = 1e-3, end_lr: float = 1.0, num_it: int = 100,
+                 stop_div: bool = True):
+        if num_it < 2:
+            raise ValueError(f"num_it must be at least 2 for a sweep, got {num_it}")
+        super().__init__({"lr": SchedLin(start_lr, end_lr)})
+        self.held_out, self.num_it, self.stop_div = held_out, num_it, stop_div
+        self.lrs, self.losses, self.nonfinite_lr = [], [], None
+
+    def before_fit(self):
+        super().before_fit()
+        self._saved = _training_state(self.learn)
+        self.lrs, self.losses, self.nonfinite_lr, self.best = [], [], None, math.inf
+
+    def before_batch(self):
+        self._update_val(self.train_iter / (self.num_it - 1))   # exactly start_lr ... end_lr, linearly
+
+    def after_batch(self):
+        super().after_batch()
+        lr, loss = float(self.opt.hypers[-1]["lr"]), self.held_out_loss()
+        if not math.isfinite(loss):
+            self.nonfinite_lr = lr
+            raise CancelFitException()
+        self.lrs.append(lr)
+        self.losses.append(loss)
+        self.best = min(self.best, loss)
+        if (self.stop_div and loss > DIVERGENCE_FACTOR * self.best) or self.train_iter >= self.num_it:
+            raise CancelFitException()
+
+    def before_validate(self):
+        raise CancelValidException()
+
+    def after_fit(self):
+        self.learn.opt.zero_grad()
+        _restore_training_state(self.learn, self._saved)
+
+    def held_out_loss(self) -> float:
+        model, fast = self.learn.model, getattr(self.learn, "fast_device", None)
+        dtype = fast.dtype() if fast is not None else None
+        device = next(model.parameters()).device
+        modes, total, count = [m.training for m in model.modules()], 0.0, 0
+        model.eval()
+        try:
+            with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()):
+                for *xb, yb in self.held_out:
+                    loss = self.learn.loss_func(to_float(model(*xb)), yb)
+                    total, count = total + float(loss) * len(yb), count + len(yb)
+        finally:
+            for m, training in zip(model.modules(), modes):
+                m.training = training
+        return total / count
+
+
+def _smith_sweep(learn: Learner, start_lr: float, end_lr: float, num_it: int,
+                 n_val_batches: int) -> tuple[list, list, float | None, int]:
+    held_out = held_out_batches(learn, n_val_batches)
+    finder = SmithLRFinder(held_out, start_lr, end_lr, num_it)
+    with learn.no_logging():
+        learn.fit(num_it // len(learn.dls.train) + 1, cbs=finder)
+    return finder.lrs, finder.losses, finder.nonfinite_lr, len(held_out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Suggestion rules
+# ---------------------------------------------------------------------------------------------------------
+def smooth(losses: list[float] | np.ndarray, window: int | None = None) -> np.ndarray:
+    """Centred moving average (window ~ a tenth of the curve, odd, at least 3; shrinking at the ends). Centred,
+    unlike fastai's exponential average, so a feature of the curve stays at the LR where it happened."""
+    y = np.asarray(losses, dtype=float)
+    w = window or max(3, len(y) // 10)
+    h = w // 2
+    return np.array([y[max(0, i - h):i + h + 1].mean() for i in range(len(y))])
+
+
+def smith_rule(lrs: list[float], losses: list[float]) -> tuple[float, dict[str, float], str]:
+    """Half the largest LR that still trains as well as the best one, read off the held-out loss.
+
+    Smith (2017, section 3.3) reads the range test for "the largest LR that converges", where the held-out
+    loss stops falling and starts to rise, and adds the rule of thumb that the optimum LR is usually within a
+    factor of two of it. The rule makes the reading exact and noise-proof: smooth the curve (`smooth`,
+    centred, so the rise stays at the LR where it happened), find its minimum, call the bottom everything
+    within `SMITH_RISE` (10%) of the curve's descent (first value minus minimum) above that minimum, and take
+    as the largest converging LR the last LR before the smoothed curve, after its minimum, climbs out of the
+    bottom (on a sharp minimum, the argmin; on a flat bottom, its right end instead of wherever the noise put
+    the argmin). The suggestion is half of that: a 1cycle schedule holds its peak for many steps, and the edge
+    of the cliff, probed for one step by the test, is where one unlucky batch diverges. If the curve never
+    climbs out, the largest converging LR is the last one swept (the caller warns: sweep further).
+    Returns (suggested LR, named points for the plot, a one-line reason)."""
+    y = smooth(losses)
+    lrs = np.asarray(lrs, dtype=float)
+    i_min = int(np.argmin(y))
+    band = y[i_min] + SMITH_RISE * max(y[0] - y[i_min], 0.0)
+    above = np.nonzero(y[i_min:] > band)[0]
+    i_edge = i_min + int(above[0]) - 1 if len(above) else len(y) - 1
+    lr = float(lrs[i_edge]) / SMITH_FACTOR
+    points = {"min_loss": float(lrs[i_min]), "max_converging": float(lrs[i_edge]), "smith": lr}
+    why = (f"half the largest converging LR {lrs[i_edge]:.3g}, the last before the smoothed held-out loss rises "
+           f"{SMITH_RISE:.0%} of its descent above its minimum (at lr {lrs[i_min]:.3g})")
+    return lr, points, why
+
+
+def fastai_rules(lrs: list[float], losses: list[float], num_it: int) -> tuple[dict[str, float], list[str]]:
+    """fastai's four rules on the curve that `lr_find` would use: without the first `num_it//10` points (the LR
+    is too small to matter) and the last 5 (the divergence that stopped the sweep), trims shrunk on a short
+    curve so that some points are left. A rule the curve is too short for is skipped with a note."""
+    n = len(lrs)
+    lo, hi = num_it // 10, n - 5
+    if hi - lo < MIN_RELIABLE_POINTS:
+        lo, hi = min(lo, n // 10), n - min(5, n // 10)
+    t_lrs, t_losses = torch.tensor(lrs[lo:hi]), torch.tensor(losses[lo:hi])
+    found, notes = {}, []
+    for name, (rule, needs) in FASTAI_RULES.items():
+        if len(t_lrs) < needs:
+            notes.append(f"{name} skipped: it needs {needs} points, the curve has {len(t_lrs)}")
+            continue
+        found[name] = float(rule(t_lrs, t_losses, num_it)[0])
+    return found, notes
+
+
+def _usable(lr: float, start_lr: float, end_lr: float) -> bool:
+    """Inside the swept range and above its first LR: a rule that lands on start_lr has found nothing."""
+    return math.isfinite(lr) and start_lr < lr <= end_lr
+
+
+def _fallback(lrs: list[float], losses: list[float], start_lr: float) -> tuple[float, str]:
+    """One tenth of the LR at the lowest loss seen (fastai's `minimum`): the rule of thumb that needs only one
+    finite point, and that stays below any LR where the loss went up. Below start_lr when the loss only rose."""
+    if not lrs:
+        return start_lr / 10, f"no finite loss at all: start_lr/10 = {start_lr / 10:.3g}"
+    lr = lrs[int(np.argmin(smooth(losses) if len(losses) >= 3 else losses))] / 10
+    return lr, f"fallback: one tenth of the LR at the lowest loss = {lr:.3g}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The test
+# ---------------------------------------------------------------------------------------------------------
+def _check_args(learn: Learner, mode: str, num_it: int, start_lr: float, end_lr: float, n_val_batches: int) -> None:
+    if not isinstance(num_it, int) or num_it < 2:
+        raise ValueError(f"num_it must be an integer >= 2, got {num_it!r}")
+    if not (math.isfinite(start_lr) and math.isfinite(end_lr) and 0 < start_lr < end_lr):
+        raise ValueError(f"need 0 < start_lr < end_lr, both finite; got start_lr={start_lr}, end_lr={end_lr}")
+    if not isinstance(n_val_batches, int) or n_val_batches < 1:
+        raise ValueError(f"n_val_batches must be an integer >= 1, got {n_val_batches!r}")
+    if len(learn.dls.train) == 0:
+        raise ValueError("learn.dls.train has no batches (fewer training images than one batch?)")
+
+
+def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start_lr: float | None = None,
+                  end_lr: float | None = None, n_val_batches: int = 4) -> LRRangeResult:
+    """Run the range test `mode` on `learn` and suggest the peak LR for `fit_one_cycle`; `learn` (model,
+    optimizer, Recorder history) is left as it was. Defaults: 1e-7 to 10 for fastai, 1e-3 to 1.0 for smith.
+    A suggestion is usable when finite and in (start_lr, end_lr]; when no rule gives one, `_fallback` does,
+    with a warning. The suggestion is never NaN, never <= 0 and never start_lr."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    lo, hi = DEFAULT_RANGE[mode]
+    start_lr, end_lr = float(lo if start_lr is None else start_lr), float(hi if end_lr is None else end_lr)
+    _check_args(learn, mode, num_it, start_lr, end_lr, n_val_batches)
+    if mode == "fastai":
+        num_it = max(num_it, 6)   # fastai's LRFinder runs at least 6 steps whatever it is asked
+    with _unchanged(learn):
+        if mode == "fastai":
+            lrs, losses, bad_lr = _fastai_sweep(learn, start_lr, end_lr, num_it)
+        else:
+            lrs, losses, bad_lr, n_held = _smith_sweep(learn, start_lr, end_lr, num_it, n_val_batches)
+    warnings: list[str] = []
+    if bad_lr is not None:
+        warnings.append(f"the loss became NaN/inf at lr {bad_lr:.3g}: curve cut there, suggestions from the "
+                        f"{len(lrs)} finite points")
+    if len(lrs) < MIN_RELIABLE_POINTS:
+        warnings.append(f"only {len(lrs)} points on the curve (num_it={num_it}): the suggestion is unreliable; "
+                        f"use num_it >= {MIN_RELIABLE_POINTS}, 100 is usual")
+    suggested, suggestions, reason = _suggest(mode, lrs, losses, num_it, start_lr, end_lr, warnings)
+    if mode == "smith":
+        reason += f"; held-out loss on {n_held} validation batches"
+    return LRRangeResult(mode=mode, suggested_lr=float(suggested), lrs=lrs, losses=losses, suggestions=suggestions,
+                         reason=reason, warnings=warnings, start_lr=start_lr, end_lr=end_lr, num_it=num_it)
+
+
+def _suggest(mode: str, lrs: list[float], losses: list[float], num_it: int, start_lr: float, end_lr: float,
+             warnings: list[str]) -> tuple[float, dict[str, float], str]:
+    """The mode's rules on the finite curve; the first usable one in order (fastai: valley, minimum, slide,
+    steep; smith: its rule), else `_fallback`. Appends to `warnings` what made the answer doubtful."""
+    if mode == "fastai":
+        found, notes = fastai_rules(lrs, losses, num_it) if lrs else ({}, ["no finite point: no rule can run"])
+        order, why = FASTAI_ORDER, FASTAI_WHY
+    else:
+        found, notes, order, why = {}, [], ("smith",), {}
+        if len(lrs) >= 3:
+            _, found, why["smith"] = smith_rule(lrs, losses)
+            if found["max_converging"] == lrs[-1] and len(lrs) == num_it:
+                warnings.append(f"the held-out loss had not risen off its bottom by end_lr={end_lr:.3g}: the "
+                                f"suggestion is capped by the sweep; rerun with a larger end_lr")
+        else:
+            notes.append(f"the smith rule needs 3 points, the curve has {len(lrs)}")
+    warnings += notes
+    suggestions = {k: v for k, v in found.items() if math.isfinite(v) and start_lr <= v <= end_lr}
+    warnings += [f"{k} = {v:.3g} is outside the swept range [{start_lr:.3g}, {end_lr:.3g}]: dropped"
+                 for k, v in found.items() if k not in suggestions]
+    picked = next((k for k in order if k in suggestions and _usable(suggestions[k], start_lr, end_lr)), None)
+    if picked is None:
+        lr, reason = _fallback(lrs, losses, start_lr)
+        warnings.append(f"no rule gave a usable LR; {reason}")
+        return lr, suggestions, reason
+    reason = f"{picked}: {why[picked]}"
+    if picked != order[0]:
+        warnings.append(f"{order[0]} gave no usable LR (NaN, outside the range or start_lr); used {picked}")
+        reason += f" ({order[0]} unusable)"
+    return suggestions[picked], suggestions, reason
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plot and files
+# ---------------------------------------------------------------------------------------------------------
+def plot_lr_range(result: LRRangeResult) -> Figure:
+    """The curve with every suggestion marked and labelled with its value, the suggested LR as a dashed line:
+    log LR axis for fastai's exponential sweep, linear for Smith's."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lrs, losses = np.asarray(result.lrs, dtype=float), np.asarray(result.losses, dtype=float)
+    log = result.mode == "fastai"
+    if len(lrs):
+        ax.plot(lrs, losses, color="C0", lw=1.2 if log else 0.8, alpha=1 if log else 0.5,
+                label="training loss (smoothed)" if log else "held-out loss")
+        if not log and len(lrs) >= 3:
+            ax.plot(lrs, smooth(losses), color="C0", lw=1.8, label="held-out loss, moving average")
+    x_of = np.log10 if log else (lambda v: v)
+    marked = losses if log or len(lrs) < 3 else smooth(losses)   # smith's rule reads the smoothed curve
+    for i, (name, lr) in enumerate(result.suggestions.items()):
+        y = np.interp(x_of(lr), x_of(lrs), marked) if len(lrs) else np.nan
+        ax.plot(lr, y, "o", ms=7, color=f"C{i + 1}", label=f"{name}: {lr:.2e}")
+    ax.axvline(result.suggested_lr, color="k", ls="--", lw=1, label=f"suggested: {result.suggested_lr:.3g}")
+    if log:
+        ax.set_xscale("log")
+    ax.set_xlabel("learning rate" + (" (log scale)" if log else ""))
+    ax.set_ylabel("training loss (smoothed)" if log else "held-out loss")
+    ax.set_title(f"LR range test ({result.mode}): suggested lr {result.suggested_lr:.3g}")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def write_lr_range(result: LRRangeResult, out_dir: str | Path) -> dict:
+    """lr_find.png and lr_find.json in `out_dir` (created if needed); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"png": out / "lr_find.png", "json": out / "lr_find.json"}
+    fig = plot_lr_range(result)
+    fig.savefig(paths["png"], dpi=110)
+    plt.close(fig)
+    payload = asdict(result)
+    payload = {k: payload[k] for k in ("suggested_lr", "mode", "lrs", "losses", "suggestions", "reason", "warnings",
+                                       "start_lr", "end_lr", "num_it")}
+    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
+    return paths
+
+
+def find_lr(data: str | Path | None = None, bs: int = 256, mode: str = "fastai", num_it: int = 100,
+            start_lr: float | None = None, end_lr: float | None = None, out: str | Path = "lr_find",
+            size: int = 64, stem: str = "cifar", precision: str = "auto", classes: int | None = None,
+            train_per_class: int | None = None, n_val_batches: int = 4) -> LRRangeResult:
+    """`python main.py find-lr`: a range test on a fresh model, written to `out`."""
+    dls = tiny_imagenet_dls(data, bs=bs, size=size, classes=classes, train_per_class=train_per_class)
+    learn = tiny_learner(dls, stem=stem, precision=precision)
+    result = lr_range_test(learn, mode=mode, num_it=num_it, start_lr=start_lr, end_lr=end_lr,
+                           n_val_batches=n_val_batches)
+    write_lr_range(result, out)
+    return result
