@@ -35,13 +35,11 @@ def _table(rows: list[dict]) -> list[str]:
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
     try:
         f = float(v)
-        return v if f.is_integer() else f"{f:.4g}"
     except (TypeError, ValueError):
         return str(v)
+    return str(int(f)) if f.is_integer() else f"{f:.4g}"
 
 
 def _image(run_dir: Path, name: str, alt: str, missing: str) -> list[str]:
