@@ -1,0 +1,508 @@
+"""Where the model looks: class activation maps (pytorch-grad-cam) for a trained Learner, and how well they
+find the object.
+
+fastai explains a classifier by its mistakes (`ClassificationInterpretation`); it has no saliency maps. This
+module adds them on top of pytorch-grad-cam, with the library's known traps handled in one place:
+
+* the CAM object is always used as a context manager, so its forward hooks are removed even when a call
+  fails (leaked hooks are the library's most reported problem);
+* fastai's `TensorImage` is turned into a plain tensor first (grad-cam fails on it: "Can't detach views
+  in-place");
+* the library puts the model in eval mode and never back: every module's mode is restored afterwards;
+* an `IndexError` raised inside the CAM's `with` block is swallowed (printed) by the library's `__exit__`,
+  so bad targets are checked before, and any IndexError is re-raised as another type.
+
+TinyImageNet ships a box round the object of every val image, so a CAM can be scored, not only looked at
+(`localisation_score`): the pointing game (is the CAM's peak inside the box?) and the share of the CAM's
+energy inside the box, each next to the score a map with no idea where the object is would get.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from unittest import mock
+
+import cv2
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from fastai.learner import Learner
+from fastprogress.fastprogress import progress_bar
+from matplotlib.figure import Figure
+from PIL import Image
+from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM)
+from pytorch_grad_cam import score_cam as _score_cam_module
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from .data import TINY_MEAN, TINY_STD
+from .dataset import DatasetError, read_train_boxes, read_val_annotations
+
+__all__ = ["CAM_METHODS", "resolve_layer", "align_cams", "compute_cams", "cam_overlay",
+           "gradcam_grid", "localisation_score", "gradcam"]
+
+CAM_METHODS = {
+    "gradcam": GradCAM,            # channel weights = spatial mean of the gradients (Selvaraju et al. 2017)
+    "gradcam++": GradCAMPlusPlus,  # weights from higher-order gradient terms: several objects, sharper maps
+    "xgradcam": XGradCAM,          # gradients weighted by the normalised activations
+    "hirescam": HiResCAM,          # element-wise gradient x activation: faithful to the model's computation
+    "layercam": LayerCAM,          # element-wise positive gradients: finer maps, works on earlier layers too
+    "eigencam": EigenCAM,          # first principal component of the activations: class-agnostic, no gradients
+    "scorecam": ScoreCAM,          # weights from the score of the input masked by each channel: no gradients,
+                                   # one forward pass per channel and image (512 at layer4): slow on a CPU
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------------------
+def _cam_class(method: str):
+    if method not in CAM_METHODS:
+        raise ValueError(f"unknown CAM method {method!r}; choose one of: {', '.join(CAM_METHODS)}")
+    return CAM_METHODS[method]
+
+
+def _layer_choices(model: nn.Module) -> list[str]:
+    """The stages and blocks (containers at most one level deep): what a user would target."""
+    return [n for n, m in model.named_modules() if n and n.count(".") <= 1 and len(list(m.children()))]
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module | None = None) -> tuple[str, nn.Module]:
+    """(name, module) of the CAM's target layer: by default the last residual block, `model.layer4[-1]`
+    (the last map that still has a place, and the one the class scores are pooled from), else the submodule
+    `layer` names ("layer3", "layer3.1", any dotted name) or `layer` itself."""
+    names = {m: n for n, m in model.named_modules()}
+    if isinstance(layer, nn.Module):
+        if layer not in names:
+            raise ValueError("the target layer given is not a submodule of the model")
+        return names[layer], layer
+    if layer is None:
+        stage = getattr(model, "layer4", None)
+        if not isinstance(stage, nn.Sequential) or not len(stage):
+            raise ValueError(f"the model has no `layer4` to target by default; pass a layer, one of: "
+                             f"{', '.join(_layer_choices(model))}")
+        return names[stage[-1]], stage[-1]
+    name = str(layer)
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"unknown layer {name!r}; choose one of: {', '.join(_layer_choices(model))} "
+                         f"(or any dotted submodule name)") from None
+    return name, module
+
+
+def _model_of(learn_or_model: Learner | nn.Module) -> nn.Module:
+    return learn_or_model.model if isinstance(learn_or_model, Learner) else learn_or_model
+
+
+def as_input(images, device: torch.device) -> torch.Tensor:
+    """A plain float NCHW tensor for the model: a normalised float batch passes through (a fastai
+    `TensorImage` loses its subclass, which grad-cam cannot handle); uint8 HxWx3 arrays (one, a batch, or a
+    list of equal-size ones, as `load_rgb` gives) are normalised with the TinyImageNet statistics."""
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        x = images.as_subclass(torch.Tensor)
+        if x.ndim == 3:
+            x = x[None]
+    else:
+        try:
+            arr = np.stack(images) if isinstance(images, (list, tuple)) else np.asarray(images)
+        except ValueError:
+            raise ValueError("images given as a list of arrays must all have the same size") from None
+        if arr.dtype != np.uint8:
+            raise ValueError(f"images must be a normalised float tensor or uint8 HxWx3 arrays, got {arr.dtype}")
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be HxWx3 (or NxHxWx3), got shape {arr.shape}")
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float().div_(255)
+        x = (x - torch.tensor(TINY_MEAN)[:, None, None]) / torch.tensor(TINY_STD)[:, None, None]
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"images must be an Nx3xHxW batch, got shape {tuple(x.shape)}")
+    return x.detach().float().to(device)
+
+
+def _targets(targets, n: int, n_classes: int | None) -> list[int] | None:
+    """Class indices, checked here: out of range, the library would raise an IndexError that its own
+    `__exit__` swallows."""
+    if targets is None:
+        return None
+    t = [int(targets)] * n if np.ndim(targets) == 0 else [int(v) for v in np.asarray(targets).ravel()]
+    if len(t) != n:
+        raise ValueError(f"got {len(t)} targets for {n} images")
+    if n_classes is not None and any(not 0 <= v < n_classes for v in t):
+        raise ValueError(f"targets must be class indices in [0, {n_classes}), got {sorted(set(t))}")
+    return t
+
+
+def _feature_shape(model: nn.Module, module: nn.Module, x: torch.Tensor) -> tuple[int, ...]:
+    """The target layer's output shape for one image: a CAM needs a spatial map (N, C, H, W)."""
+    shape = []
+    handle = module.register_forward_hook(lambda m, i, o: shape.extend(getattr(o, "shape", ())) if not shape else None)
+    try:
+        with torch.no_grad():
+            model(x[:1])
+    finally:
+        handle.remove()
+    return tuple(shape)
+
+
+@contextmanager
+def _kept_modes(model: nn.Module):
+    """Every module's train/eval flag restored on exit (grad-cam leaves the model in eval mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+@contextmanager
+def _quiet_scorecam():
+    """Score-CAM draws a tqdm bar per image, to stderr, with no switch to turn it off."""
+    import tqdm
+
+    with mock.patch.object(_score_cam_module, "tqdm", SimpleNamespace(tqdm=partial(tqdm.tqdm, disable=True))):
+        yield
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Computing CAMs
+# ---------------------------------------------------------------------------------------------------------
+def align_cams(cams: np.ndarray, feature_hw: tuple[int, int]) -> np.ndarray:
+    """Move CAMs upsampled by pytorch-grad-cam back onto the pixels their feature cells look at.
+
+    In a network of "same"-padded strided layers (3x3 stride-2 convs with padding 1, 1x1 stride-2
+    shortcuts, the ImageNet stem's 7x7 conv and 3x3 max-pool) cell j of a map with total stride s is centred
+    on input pixel s*j. The library's resize puts it at s*j + (s-1)/2: 3.5 px too far right and down for
+    layer4 on a 32 px input, a tenth of the image. Shifting back by (s-1)/2 (the border replicated) and
+    rescaling to [0, 1] raises the pointing game of a trained model on the synthetic set from ~0.73 to ~0.95."""
+    (H, W), (h, w) = cams.shape[-2:], feature_hw
+    dy, dx = (H / h - 1) / 2, (W / w - 1) / 2
+    if dx == 0 and dy == 0:
+        return cams
+    m = np.float32([[1, 0, -dx], [0, 1, -dy]])
+    out = np.stack([cv2.warpAffine(c, m, (W, H), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                    for c in cams]) if len(cams) else cams
+    lo, hi = out.min(axis=(1, 2), keepdims=True), out.max(axis=(1, 2), keepdims=True)
+    return np.where(hi > lo, (out - lo) / np.maximum(hi - lo, 1e-12), 0).astype(np.float32)
+
+
+def compute_cams(learn_or_model: Learner | nn.Module, images, targets=None, method: str = "gradcam",
+                 layer: str | nn.Module | None = None, batch_size: int = 32, align: bool = True) -> np.ndarray:
+    """CAMs of `images` (N x H x W float32 in [0, 1], at the input's resolution), for the class indices
+    `targets` (one int for all, one per image, or None for each image's predicted class). `align` puts
+    each feature cell on the pixels it is centred on (`align_cams`); False gives the library's raw output.
+
+    Runs in fp32, outside the Learner's bf16 autocast: CAM weights come from gradients, and fp32 costs
+    little here next to training. The model is put in eval mode for the call and given back its modes;
+    the library's hooks are gone when this returns, also after an error."""
+    model = _model_of(learn_or_model)
+    cam_cls = _cam_class(method)
+    name, module = resolve_layer(model, layer)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    x = as_input(images, device)
+    fc = getattr(model, "fc", None)
+    tgts = _targets(targets, len(x), fc.out_features if isinstance(fc, nn.Linear) else None)
+    if len(x) == 0:
+        return np.zeros((0, *x.shape[-2:]), np.float32)
+    # Score-CAM runs one forward pass per channel and image, and the library keeps the target layer's output
+    # of each of them until the call returns: one image per call bounds that memory, and costs nothing.
+    step = 1 if method == "scorecam" else batch_size
+    out = []
+    with _kept_modes(model), torch.enable_grad():
+        model.eval()
+        shape = _feature_shape(model, module, x)
+        if len(shape) != 4:
+            raise ValueError(f"layer {name!r} gives no spatial map (output shape {shape}); choose one of: "
+                             f"{', '.join(_layer_choices(model))}")
+        quiet = _quiet_scorecam() if method == "scorecam" else nullcontext()
+        with quiet, cam_cls(model=model, target_layers=[module]) as cam:
+            cam.batch_size = batch_size  # Score-CAM's batch of masked inputs
+            # Registered after the CAM's hooks: they keep the layer's output and the rest of the network
+            # gets a copy, so an in-place op further on (the stem's ReLU(inplace=True) after "stem.1")
+            # cannot overwrite the activations the CAM is computed from.
+            copy_out = module.register_forward_hook(lambda m, i, o: o.clone())
+            try:
+                for i in range(0, len(x), step):
+                    xb = x[i:i + step].clone().requires_grad_(True)  # gradients flow even with frozen weights
+                    tb = None if tgts is None else [ClassifierOutputTarget(t) for t in tgts[i:i + step]]
+                    out.append(cam(input_tensor=xb, targets=tb))
+            except IndexError as e:  # re-raised as another type: the library's __exit__ would swallow it
+                raise RuntimeError(f"{method} on layer {name!r} failed: {e}") from e
+            finally:
+                copy_out.remove()
+    cams = np.concatenate(out).astype(np.float32)
+    return align_cams(cams, shape[-2:]) if align else cams
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------------------
+def denormalise(x: torch.Tensor) -> np.ndarray:
+    """A normalised NCHW batch back to the float HxWx3 RGB images in [0, 1] the model saw."""
+    x = x.as_subclass(torch.Tensor).detach().float().cpu()
+    x = x * torch.tensor(TINY_STD)[:, None, None] + torch.tensor(TINY_MEAN)[:, None, None]
+    return x.clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+def cam_overlay(image: np.ndarray, cam: np.ndarray, min_side: int = 256, max_side: int = 1024,
+                box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The CAM as a jet heat-map over the image, as uint8 RGB. A small image is enlarged by an integer factor
+    with nearest neighbours until its short side is >= `min_side` (64 px pixels stay sharp squares), a big
+    one shrunk to a long side of `max_side`; the CAM, of any resolution, is resized smoothly onto it.
+    `box` (x0, y0, x1, y1, inclusive, in the image's pixels) is drawn in white."""
+    img = image.astype(np.float32) / 255 if image.dtype == np.uint8 else image.astype(np.float32)
+    h, w = img.shape[:2]
+    if min(h, w) < min_side:
+        f = float(np.ceil(min_side / min(h, w)))
+        img = cv2.resize(img, (int(w * f), int(h * f)), interpolation=cv2.INTER_NEAREST)
+    elif max(h, w) > max_side:
+        f = max_side / max(h, w)
+        img = cv2.resize(img, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
+    H, W = img.shape[:2]
+    heat = cv2.resize(cam.astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
+    out = show_cam_on_image(np.clip(img, 0, 1), np.clip(heat, 0, 1), use_rgb=True, image_weight=0.55)
+    if box is not None:
+        fx, fy = W / w, H / h
+        x0, y0, x1, y1 = box
+        cv2.rectangle(out, (round(x0 * fx), round(y0 * fy)), (round((x1 + 1) * fx) - 1, round((y1 + 1) * fy) - 1),
+                      (255, 255, 255), max(1, round(min(fx, fy) / 2)))
+    return out
+
+
+def _names(learn: Learner) -> list[str]:
+    return list(getattr(learn.dls, "names", None) or learn.dls.vocab)
+
+
+def _val_annotations(learn: Learner) -> dict:
+    root = getattr(learn.dls, "root", None)
+    try:
+        return read_val_annotations(root) if root is not None else {}
+    except DatasetError:
+        return {}
+
+
+def _val_images_dir(learn: Learner) -> Path | None:
+    root = getattr(learn.dls, "root", None)
+    return (Path(root) / "val" / "images").resolve() if root is not None else None
+
+
+def _label_of(path: Path, learn: Learner, annotations: dict) -> int | None:
+    """The true class of a dataset image (val: annotations, train: its class folder); None for others."""
+    vocab = list(learn.dls.vocab)
+    wnid = None
+    if path.resolve().parent == _val_images_dir(learn):
+        wnid = annotations.get(path.name, (None,))[0]
+    elif path.parent.name == "images" and path.parent.parent.parent.name == "train":
+        wnid = path.parent.parent.name
+    return vocab.index(wnid) if wnid in vocab else None
+
+
+def _known_box(path: Path, learn: Learner, annotations: dict, val_dir: Path | None):
+    """The annotated box of a dataset image (val, or train from its class's boxes file), else None."""
+    if path.resolve().parent == val_dir:
+        return annotations.get(path.name, (None, None))[1]
+    root = getattr(learn.dls, "root", None)
+    wnid = path.parent.parent.name
+    if root is not None and path.resolve().parent == (Path(root) / "train" / wnid / "images").resolve():
+        return read_train_boxes(root, wnid).get(path.name)
+    return None
+
+
+def _box_in_input(path: Path, box, input_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """An annotation box (inclusive pixels of the original image) in the model input's pixels: the input is
+    the image squished to `input_hw`, and an input pixel is in the box when its centre is."""
+    with Image.open(path) as im:
+        w0, h0 = im.size
+    h, w = input_hw
+    sx, sy = w / w0, h / h0
+    x0, y0, x1, y1 = box
+    # input pixel j covers [j, j+1) and is inside when x0*sx <= j + 0.5 < (x1+1)*sx
+    jx0, jy0 = int(np.ceil(x0 * sx - 0.5)), int(np.ceil(y0 * sy - 0.5))
+    jx1, jy1 = int(np.ceil((x1 + 1) * sx - 0.5)) - 1, int(np.ceil((y1 + 1) * sy - 0.5)) - 1
+    jx0, jy0 = min(max(jx0, 0), w - 1), min(max(jy0, 0), h - 1)
+    return jx0, jy0, max(jx0, min(jx1, w - 1)), max(jy0, min(jy1, h - 1))
+
+
+def _inputs(learn: Learner, paths: Sequence[Path], bs: int = 64) -> torch.Tensor:
+    """The model inputs for `paths` through the Learner's own test pipeline (resize, normalise), in order."""
+    dl = learn.dls.test_dl(list(paths), bs=bs)
+    return torch.cat([b[0].as_subclass(torch.Tensor).cpu() for b in dl]) if len(paths) else torch.zeros(0, 3, 1, 1)
+
+
+def _pick(correct: np.ndarray, losses: np.ndarray, n: int) -> list[int]:
+    """Half right, half wrong when there are enough of each: the most confident mistakes (fastai's
+    top-losses idea: the instructive ones) and an even spread of the right ones."""
+    right, wrong = np.flatnonzero(correct), np.flatnonzero(~correct)
+    n_wrong = min(len(wrong), max(n - len(right), n // 2))
+    n_right = min(len(right), n - n_wrong)
+    wrong = wrong[np.argsort(-losses[wrong], kind="stable")][:n_wrong]
+    right = right[np.linspace(0, len(right) - 1, n_right).round().astype(int)] if n_right else right[:0]
+    return right.tolist() + wrong.tolist()
+
+
+def gradcam_grid(learn: Learner, n: int = 16, method: str = "gradcam", layer: str | nn.Module | None = None,
+                 images: Sequence[Path | str] | None = None) -> Figure:
+    """A figure of `n` images, each shown plain and with the CAM of its *predicted* class over it, titled
+    with the true class (when known), the prediction and its probability; green when right, red when wrong,
+    the annotated box in white where there is one.
+
+    Without `images`: val images (among the first 50 * n), half predicted right and half wrong where
+    possible (the most confident mistakes, an even spread of the right ones). With `images`: those files,
+    in order (up to `n`)."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    _cam_class(method)
+    layer_name, _ = resolve_layer(learn.model, layer)
+    names = _names(learn)
+    annotations = _val_annotations(learn)
+    if images is None:
+        # the first 50 per image shown are plenty to find mistakes in, and spare a pass over all 10,000
+        paths = [Path(p) for p in learn.dls.valid_ds.items][:50 * n]
+        if not paths:
+            raise DatasetError("the learner has no validation images to show")
+        probs, targs = learn.get_preds(dl=learn.dls.test_dl(paths, with_labels=True))
+        targs = targs.as_subclass(torch.Tensor).numpy()
+        correct = probs.argmax(1).numpy() == targs
+        losses = -np.log(probs[np.arange(len(probs)), targs].numpy().clip(1e-12))
+        idx = _pick(correct, losses, n)
+        paths, probs, labels = [paths[i] for i in idx], probs[idx], [int(targs[i]) for i in idx]
+    else:
+        from .predict import check_images  # here: predict.py builds on this module
+
+        paths = check_images(images)[:n]
+        probs = None
+        labels = [_label_of(p, learn, annotations) for p in paths]
+    x = _inputs(learn, paths)
+    if probs is None:
+        probs, _ = learn.get_preds(dl=learn.dls.test_dl(paths))
+    preds = probs.argmax(1).numpy()
+    cams = compute_cams(learn, x, targets=preds, method=method, layer=layer)
+    rgb = denormalise(x)
+    val_dir = _val_images_dir(learn)
+
+    cols = min(4, len(paths))
+    rows = int(np.ceil(len(paths) / cols))
+    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 1.9, rows * 2.5 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for k, (path, image, cam, pred, label) in enumerate(zip(paths, rgb, cams, preds, labels)):
+        a_img, a_cam = axes[k // cols, 2 * (k % cols)], axes[k // cols, 2 * (k % cols) + 1]
+        box = _known_box(path, learn, annotations, val_dir)
+        box = _box_in_input(path, box, image.shape[:2]) if box is not None else None
+        overlay = cam_overlay(image, cam, min_side=128, box=box)
+        a_img.imshow(cv2.resize(image, overlay.shape[1::-1], interpolation=cv2.INTER_NEAREST))
+        a_cam.imshow(overlay)
+        p = float(probs[k, pred])
+        title = f"pred: {names[pred][:28]} ({p:.2f})"
+        colour = "black"
+        if label is not None:
+            title = f"true: {names[label][:28]}\n{title}"
+            colour = "tab:green" if label == pred else "tab:red"
+        else:
+            title = f"{path.name[:28]}\n{title}"
+        a_img.set_title(title, fontsize=9, color=colour, loc="left", x=0.0)
+    fig.suptitle(f"{method} on {layer_name}, for the predicted class"
+                 + ("  (green: right, red: wrong; white box: the annotated object)" if images is None else ""),
+                 fontsize=10)
+    fig.tight_layout(h_pad=1.0)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------------
+def localisation_score(learn: Learner, method: str = "gradcam", limit: int | None = None,
+                       layer: str | nn.Module | None = None, batch_size: int = 64, align: bool = True) -> dict:
+    """How well the CAMs of the val images find the annotated object, for the TRUE class of each image (the
+    question is whether the evidence for the labelled object sits on the object, right or wrong as the
+    prediction may be).
+
+    pointing_game: share of images whose CAM peak lies inside the box; energy_in_box: mean share of the
+    CAM's mass inside the box (the CAM as `compute_cams` returns it: ReLU, aligned, min-max scaled).
+    A map with no idea where the object is scores the box's share of the image on both, on average:
+    `box_area_fraction` (= `pointing_baseline`) is that mean. An all-zero CAM (no positive evidence
+    anywhere) is counted as such a uniform map, and `n_empty` says how many there were. Boxes are in the
+    original image's pixels and are scaled to the model's input size."""
+    _cam_class(method)
+    layer_name, _ = resolve_layer(learn.model, layer)
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    root = getattr(learn.dls, "root", None)
+    if root is None:
+        raise DatasetError("the learner's DataLoaders have no dataset root (dls.root): the val boxes are needed")
+    annotations = read_val_annotations(root)
+    vocab = list(learn.dls.vocab)
+    paths = [Path(p) for p in learn.dls.valid_ds.items][:limit]
+    if not paths:
+        raise DatasetError("the learner has no validation images to score")
+    hits, energies, areas, empty = [], [], [], 0
+    for i in progress_bar(range(0, len(paths), batch_size), leave=False):
+        chunk = paths[i:i + batch_size]
+        x = _inputs(learn, chunk, bs=batch_size)
+        targets = [vocab.index(annotations[p.name][0]) for p in chunk]
+        cams = compute_cams(learn, x, targets=targets, method=method, layer=layer, batch_size=batch_size,
+                            align=align)
+        for path, cam in zip(chunk, cams):
+            x0, y0, x1, y1 = _box_in_input(path, annotations[path.name][1], cam.shape)
+            inside = np.zeros(cam.shape, bool)
+            inside[y0:y1 + 1, x0:x1 + 1] = True
+            area = inside.mean()
+            total = float(cam.sum())
+            if total <= 0:
+                empty += 1
+                hits.append(area)
+                energies.append(area)
+            else:
+                hits.append(float(inside.flat[int(cam.argmax())]))
+                energies.append(float(cam[inside].sum()) / total)
+            areas.append(area)
+    area = float(np.mean(areas))
+    return {"method": method, "layer": layer_name, "target": "true class", "aligned": align, "n": len(paths),
+            "pointing_game": float(np.mean(hits)), "energy_in_box": float(np.mean(energies)),
+            "box_area_fraction": area, "pointing_baseline": area, "n_empty": empty}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------
+def _file_slug(method: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "", method.lower().replace("+", "p"))
+
+
+def gradcam(learn: Learner, out_dir: Path | str, n: int = 16, methods: Sequence[str] | str = ("gradcam",),
+            layer: str | None = None, images: Sequence[Path | str] | None = None, score: bool = False,
+            limit: int | None = None) -> dict:
+    """Write `gradcam.png` (the first method's grid), `gradcam_<method>.png` for the others ("gradcam++" ->
+    `gradcam_gradcampp.png`), and with `score` the localisation scores of every method to `gradcam.json`.
+    Returns {"figures": {method: path}, "scores": {method: score dict} (with `score`), "json": path or None}."""
+    methods = [methods] if isinstance(methods, str) else list(methods)
+    if not methods:
+        raise ValueError(f"give at least one CAM method; choose from: {', '.join(CAM_METHODS)}")
+    for m in methods:  # every argument checked before the first (slow) figure
+        _cam_class(m)
+    resolve_layer(learn.model, layer)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    result = {"figures": {}, "scores": {}, "json": None}
+    for k, m in enumerate(dict.fromkeys(methods)):
+        fig = gradcam_grid(learn, n=n, method=m, layer=layer, images=images)
+        path = out / ("gradcam.png" if k == 0 else f"gradcam_{_file_slug(m)}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        result["figures"][m] = path
+        if score:
+            result["scores"][m] = localisation_score(learn, method=m, limit=limit, layer=layer)
+    if score:
+        result["json"] = out / "gradcam.json"
+        result["json"].write_text(json.dumps(result["scores"], indent=2) + "\n")
+    return result
