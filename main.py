@@ -256,7 +256,7 @@ def demo(out: Optional[Path] = typer.Option(None, help="run folder [default: run
          size: int = typer.Option(32, help="input size in pixels"),
          classes: int = typer.Option(10, help="classes in the generated dataset"),
          precision: Precision = typer.Option(Precision.auto, help="as for fit")):
-    """The whole pipeline on a generated dataset (no download, ~3 min on 2 CPU cores): LR range test,
+    """The whole pipeline on a generated dataset (no download, sized for 2 CPU cores): LR range test,
     fit_one_cycle, evaluate, interpret, Grad-CAM with its localisation score, and the report."""
     from tinyfast.demo import run_demo
     res = run_safely(run_demo, out=out, data=data, epochs=epochs, size=size, classes=classes,

@@ -18,6 +18,7 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from tinyfast import cam as C
 from tinyfast.cam import CAM_METHODS, compute_cams, gradcam, gradcam_grid, localisation_score
 from tinyfast.data import load_rgb, tiny_imagenet_dls
+from tinyfast.dataset import read_train_boxes, read_val_annotations
 from tinyfast.learner import tiny_learner
 from tinyfast.model import resnet18
 
@@ -219,11 +220,20 @@ def test_gradcam_writes_figures_and_scores(learn, tmp_path):
 
 
 def test_grid_of_given_images(learn, tmp_path):
+    root = learn.dls.root
     val = list(learn.dls.valid_ds.items[:2])
+    train = sorted((root / "train" / learn.dls.vocab[0] / "images").iterdir())[0]
     outside = tmp_path / "mine.png"
     Image.fromarray(load_rgb(val[0])).save(outside)
-    fig = gradcam_grid(learn, n=5, images=[*val, outside])
+    fig = gradcam_grid(learn, n=5, images=[*val, train, outside])
     titles = _titles(fig)
     plt.close(fig)
-    assert len(titles) == 3
-    assert titles[0].startswith("true: ") and titles[2].startswith("mine.png")
+    assert len(titles) == 4
+    assert titles[0].startswith("true: ") and titles[2].startswith(f"true: {learn.dls.names[0]}\n")
+    assert titles[3].startswith("mine.png\npred: ")  # no label known for a file outside the dataset
+    # dataset images get their annotated box drawn, from val_annotations.txt or the class's boxes file
+    annotations = read_val_annotations(root)
+    val_dir = C._val_images_dir(learn)
+    assert C._known_box(val[0], learn, annotations, val_dir) == annotations[val[0].name][1]
+    assert C._known_box(train, learn, annotations, val_dir) == read_train_boxes(root, learn.dls.vocab[0])[train.name]
+    assert C._known_box(outside, learn, annotations, val_dir) is None

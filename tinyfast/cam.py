@@ -10,7 +10,11 @@ module adds them on top of pytorch-grad-cam, with the library's known traps hand
   in-place");
 * the library puts the model in eval mode and never back: every module's mode is restored afterwards;
 * an `IndexError` raised inside the CAM's `with` block is swallowed (printed) by the library's `__exit__`,
-  so bad targets are checked before, and any IndexError is re-raised as another type.
+  so bad targets are checked before, and any IndexError is re-raised as another type;
+* on a CPU the library keeps the target layer's output itself, not a copy: an in-place op after that layer
+  (the stem's `ReLU(inplace=True)` after "stem.1") would overwrite it, so the network gets a copy instead;
+* the library's upsampling puts each feature cell (s-1)/2 px off the pixels it is centred on (s: the
+  layer's stride, 8 for layer4 of our ResNet18): `align_cams` moves it back.
 
 TinyImageNet ships a box round the object of every val image, so a CAM can be scored, not only looked at
 (`localisation_score`): the pointing game (is the CAM's peak inside the box?) and the share of the CAM's
@@ -361,6 +365,7 @@ def gradcam_grid(learn: Learner, n: int = 16, method: str = "gradcam", layer: st
     in order (up to `n`)."""
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
+    images = images or None  # an empty list (a CLI option not given) means the val images
     _cam_class(method)
     layer_name, _ = resolve_layer(learn.model, layer)
     names = _names(learn)

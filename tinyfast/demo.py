@@ -2,7 +2,7 @@
 
 It runs the same functions as a real run (`fit` with `lr="auto"`, `evaluate`, `interpret`, `gradcam`,
 `write_report`) on a learnable dataset made on the spot, so a newcomer without a GPU or the 240 MB download
-sees every output of tinyfast in about three minutes on two CPU cores.
+sees every output of tinyfast on two CPU cores in minutes (see docs/BENCHMARKS.md for the measured time).
 """
 from __future__ import annotations
 
