@@ -173,7 +173,7 @@ class ReadImage(Transform):
         row = self.decoded.row(path) if self.decoded is not None else None
         if row is not None and self.decoded.file.exists():
             return PILImage.create(np.array(self.decoded.images[row]))
-        return PILImage.create(load_rgb(path))
+        return PILImage.create(load_rgb(path, self.size))  # resized as the cache is (INTER_AREA), not by PIL
 
 
 class TinyLabel:
