@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tinyfast.data import AlbumentationsTransform, CachedBatchDL, DecodedImages, load_rgb, tiny_imagenet_dls
+from tinyfast.data import (AlbumentationsTransform, CachedBatchDL, Cutout, DecodedImages, RandomPadCrop,
+                           default_augmentation, load_rgb, tiny_imagenet_dls)
 from tinyfast.dataset import DatasetError, read_val_annotations, read_wnids
 
 
@@ -70,6 +71,58 @@ def test_augmentation_on_train_only(dls):
     dl_plain = dls.valid.new(dls.train_ds, shuffle=False)
     t, p = dl.one_batch()[0], dl_plain.one_batch()[0]
     assert t.shape == p.shape and not torch.equal(t, p)
+
+
+def test_random_pad_crop_is_a_crop_of_the_reflect_padded_image():
+    """Every output is the crop, at the offset the transform drew, of numpy's reflect padding (cv2's
+    BORDER_REFLECT_101), and the offsets cover the whole [0, 2*pad] range."""
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    padded = np.pad(img, ((3, 3), (3, 3), (0, 0)), mode="reflect")
+    crop = RandomPadCrop(pad=3)
+    crop.set_random_seed(0)
+    offsets = set()
+    for _ in range(400):
+        out = crop(image=img)["image"]
+        top, left = crop.params["top"], crop.params["left"]
+        offsets.add((top, left))
+        assert out.shape == img.shape and out.flags["C_CONTIGUOUS"]
+        assert np.array_equal(out, padded[top:top + 20, left:left + 24])
+    assert offsets == {(t, l) for t in range(7) for l in range(7)}
+
+
+def test_cutout_fills_one_square_inside_the_image():
+    rng = np.random.default_rng(1)
+    img = rng.integers(1, 256, (32, 32, 3), dtype=np.uint8)  # no zero pixel: the hole is the only fill colour
+    before = img.copy()
+    cut = Cutout(size=8, fill=(0, 0, 0), p=0.5)
+    cut.set_random_seed(1)
+    applied, corners = 0, set()
+    for _ in range(300):
+        out = cut(image=img)["image"]
+        assert np.array_equal(img, before)  # the input is never written to
+        hole = (out != img).any(axis=2)
+        if not hole.any():
+            continue
+        applied += 1
+        ys, xs = np.nonzero(np.all(out == 0, axis=2))
+        assert ys.max() - ys.min() == 7 and xs.max() - xs.min() == 7 and len(ys) == 64
+        assert np.array_equal(out[~hole], img[~hole])
+        corners.add((ys.min(), xs.min()))
+    assert 100 < applied < 200  # p=0.5
+    assert min(c[0] for c in corners) == 0 and max(c[0] for c in corners) == 24  # the hole reaches every edge
+    assert min(c[1] for c in corners) == 0 and max(c[1] for c in corners) == 24
+
+
+def test_default_policy_is_reproducible_from_its_seed():
+    """CachedBatchDL seeds the policy per batch: the lean transforms must draw from the Compose's generator."""
+    imgs = np.random.default_rng(2).integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)
+    aug = default_augmentation(64)
+    runs = []
+    for seed in (5, 5, 6):
+        aug.set_random_seed(seed)
+        runs.append(np.stack([aug(image=x)["image"] for x in imgs]))
+    assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
 
 
 def test_fast_path_equals_fastai_pipeline(dls):

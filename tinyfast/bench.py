@@ -400,41 +400,35 @@ def bench_recipe(data: Path | str | None = None, classes: int = 10, train_per_cl
                  precisions: tuple[str, ...] = ("auto", "fp32"), plain: bool = True) -> list[dict]:
     """Does tinyfast learn a real subset at least as well as a plain PyTorch loop of the same recipe, and does
     bf16 reach fp32's accuracy? One row per (trainer, precision, seed): best and final val top-1, seconds."""
-    from .data import tiny_imagenet_files
-    from .train import fit
+    from .train import fit, read_metrics
 
     root = resolve_dataset(data)
+    wnids, files, val_wnids = tiny_imagenet_files(root, classes, train_per_class)
+    o2i = {w: i for i, w in enumerate(wnids)}
+
+    def label(f: Path) -> int:
+        return o2i[val_wnids[f.name]] if f.parent.parent.name == "val" else o2i[f.parent.parent.name]
+
+    train_files = [f for f in files if f.parent.parent.name != "val"]
+    val_files = [f for f in files if f.parent.parent.name == "val"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="tinyfast-recipe-") as tmp:
         for seed in seeds:
             for precision in precisions:
                 r = fit(root, epochs=epochs, bs=bs, lr=lr, size=size, classes=classes, train_per_class=train_per_class,
                         seed=seed, precision=precision, out=Path(tmp) / f"tinyfast-{precision}-{seed}", quiet=True)
-                accs = [m["accuracy"] for m in _metrics(r.run_dir)]
+                accs = [m["accuracy"] for m in read_metrics(r.run_dir)]
                 rows.append({"trainer": "tinyfast", "precision": DTYPE_NAMES[autocast_dtype(precision, r.learn.dls.device)],
                              "seed": seed, "best": max(accs),
                              "final": accs[-1], "seconds": r.seconds, "accuracies": accs})
             if plain:
-                wnids, files, val_wnids = tiny_imagenet_files(root, classes, train_per_class)
-                o2i = {w: i for i, w in enumerate(wnids)}
-
-                def label(f: Path) -> int:
-                    return o2i[val_wnids[f.name]] if f.parent.parent.name == "val" else o2i[f.parent.parent.name]
-
-                tr = [f for f in files if f.parent.parent.name != "val"]
-                va = [f for f in files if f.parent.parent.name == "val"]
-                m = plain_loop_fit(HandWrittenDataset(tr, [label(f) for f in tr], size),
-                                   HandWrittenDataset(va, [label(f) for f in va], size, augment=False),
+                m = plain_loop_fit(HandWrittenDataset(train_files, [label(f) for f in train_files], size),
+                                   HandWrittenDataset(val_files, [label(f) for f in val_files], size, augment=False),
                                    len(wnids), epochs, bs, lr, seed=seed)
                 accs = [r["accuracy"] for r in m]
                 rows.append({"trainer": "plain PyTorch", "precision": "fp32", "seed": seed, "best": max(accs),
                              "final": accs[-1], "seconds": m[-1]["elapsed"], "accuracies": accs})
     return rows
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    from .train import read_metrics
-    return read_metrics(run_dir)
 
 
 def format_bench_recipe(rows: list[dict]) -> str:

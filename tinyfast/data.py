@@ -46,17 +46,59 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 # ---------------------------------------------------------------------------------------------------------
 # Augmentation
 # ---------------------------------------------------------------------------------------------------------
+class RandomPadCrop(alb.ImageOnlyTransform):
+    """Reflect-pad by `pad` pixels and crop back to the input size at a random offset: Albumentations'
+    `PadIfNeeded` + `RandomCrop` in one cv2 call and a slice, 15 us an image instead of 35 (measured,
+    docs/BENCHMARKS.md). Image-only, as a classification policy needs: it does not move masks or boxes."""
+
+    def __init__(self, pad: int = 8, border_mode: int = cv2.BORDER_REFLECT_101, p: float = 1.0):
+        super().__init__(p=p)
+        self.pad, self.border_mode = pad, border_mode
+
+    def get_params(self) -> dict[str, int]:
+        return {"top": self.py_random.randint(0, 2 * self.pad), "left": self.py_random.randint(0, 2 * self.pad)}
+
+    def apply(self, img: np.ndarray, top: int = 0, left: int = 0, **params) -> np.ndarray:
+        h, w, k = img.shape[0], img.shape[1], self.pad
+        return cv2.copyMakeBorder(img, k, k, k, k, self.border_mode)[top:top + h, left:left + w]
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("pad", "border_mode")
+
+
+class Cutout(alb.ImageOnlyTransform):
+    """One square hole of side `size`, inside the image, filled with `fill` (DeVries & Taylor's cutout): what
+    Albumentations' `CoarseDropout` does with one fixed-size hole, at 13 us an image instead of 70 (its
+    parameter checks cost more than the fill). Image-only, as `RandomPadCrop`."""
+
+    def __init__(self, size: int = 16, fill: float | tuple[float, ...] = 0, p: float = 0.5):
+        super().__init__(p=p)
+        self.size, self.fill = size, fill
+
+    def get_params(self) -> dict[str, float]:
+        return {"top": self.py_random.random(), "left": self.py_random.random()}
+
+    def apply(self, img: np.ndarray, top: float = 0.0, left: float = 0.0, **params) -> np.ndarray:
+        s = self.size
+        y, x = int(top * (img.shape[0] - s + 1)), int(left * (img.shape[1] - s + 1))
+        img = img.copy()
+        img[y:y + s, x:x + s] = self.fill
+        return img
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("size", "fill")
+
+
 def default_augmentation(size: int = 64) -> alb.Compose:
-    """Reflect-pad by 1/8 and random-crop back, flip, one cutout hole of 1/4 side filled with the mean colour:
-    the CIFAR-style policy that suits 64 px images, where a random-resized crop throws away too much."""
-    pad, hole = size // 8, size // 4
+    """Reflect-pad by 1/8 and random-crop back, flip, one cutout hole of 1/4 side filled with the mean colour
+    (half the time): the CIFAR-style policy that suits 64 px images, where a random-resized crop throws away
+    too much. Pad-crop and cutout are tinyfast's lean Albumentations transforms, the same operations as
+    `PadIfNeeded`+`RandomCrop` and a one-hole `CoarseDropout` at a third of their cost."""
     mean_fill = tuple(int(round(m * 255)) for m in TINY_MEAN)
     return alb.Compose([
-        alb.PadIfNeeded(size + 2 * pad, size + 2 * pad, border_mode=cv2.BORDER_REFLECT_101),
-        alb.RandomCrop(size, size),
+        RandomPadCrop(size // 8, cv2.BORDER_REFLECT_101),
         alb.HorizontalFlip(p=0.5),
-        alb.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(hole, hole), hole_width_range=(hole, hole),
-                          fill=mean_fill, p=0.5),
+        Cutout(size // 4, mean_fill, p=0.5),
     ])
 
 
