@@ -39,6 +39,15 @@ def test_fit_learns_and_writes_a_complete_run_folder(run, tiny_root):
     assert "ResNet" in (run.run_dir / "summary.txt").read_text()
 
 
+def test_quiet_fit_prints_nothing(run, tiny_root, tmp_path, capsys):
+    """`quiet=True` (bench recipe, the tests) leaves the terminal alone: no summary, no progress bars, not even
+    the one fastai's `summary` would draw for its single batch. The cache was decoded by the `run` fixture."""
+    capsys.readouterr()
+    fit(tiny_root, epochs=1, lr=0.05, out=tmp_path / "quiet", **LEARN)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
 def test_best_weights_reload(run):
     learn = load_run(run.run_dir)
     with learn.no_bar(), learn.no_logging():

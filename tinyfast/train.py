@@ -297,7 +297,8 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
     main, processes = is_main_process(), world_size()
 
     def start_run():  # rank 0 alone (on_main): it writes the files; the others take its LR
-        summary = learn.summary()
+        with learn.no_bar():  # summary runs one batch through get_preds, which would draw an "Epoch 1/1" bar
+            summary = learn.summary()
         (run_dir / "summary.txt").write_text(summary)
         if not quiet:
             print(summary)
