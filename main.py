@@ -210,10 +210,11 @@ def gradcam(run_dir: Path = typer.Argument(..., help="a run folder written by fi
             images: Optional[List[Path]] = typer.Option(None, help="images to explain instead of val images; repeat for several"),
             score: bool = typer.Option(False, help="localisation score against the val boxes: pointing game and energy in the box"),
             limit: Optional[int] = typer.Option(None, help="score on the first N val images only"),
-            out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR]")):
+            out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR]"),
+            precision: Optional[Precision] = typer.Option(None, help="[default: the run's]")):
     """Grad-CAM heat-maps of correct and wrong predictions, and how well they point at the object."""
     from tinyfast.cam import gradcam as gradcam_run
-    learn = _load(run_dir, data)
+    learn = _load(run_dir, data, precision)
     res = run_safely(gradcam_run, learn, _out(run_dir, out), n=n, methods=method, layer=layer, images=images,
                      score=score, limit=limit)
     for m, s in (res.get("scores") or {}).items():
@@ -227,10 +228,11 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder written by fi
             images: List[Path] = typer.Argument(..., help="image files, any size or mode"),
             topk: int = typer.Option(5, help="classes to show per image"),
             cam: bool = typer.Option(False, help="also save the Grad-CAM overlay of the top class next to each image"),
-            data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]")):
+            data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
+            precision: Optional[Precision] = typer.Option(None, help="[default: the run's]")):
     """Top-k classes (wnid, name, probability) for any images."""
     from tinyfast.predict import predict_images, save_cam_overlays
-    learn = _load(run_dir, data)
+    learn = _load(run_dir, data, precision)
     for r in run_safely(predict_images, learn, images, topk=topk):
         typer.echo(f"{r['path']}: " + ", ".join(f"{w} {name} {p:.3f}" for w, name, p in r["top"]))
     if cam:

@@ -35,6 +35,18 @@ def test_every_command_has_help_with_defaults(cmd):
             assert re.search(rf"{flag}.*default: {re.escape(default)}", out), flag
 
 
+PRECISION_COMMANDS = {"fit": [], "find-lr": [], "evaluate": ["RUN"], "interpret": ["RUN"], "gradcam": ["RUN"],
+                      "predict": ["RUN", "IMG"], "demo": [], "bench train": []}
+
+
+@pytest.mark.parametrize("cmd", PRECISION_COMMANDS)
+def test_every_command_that_trains_or_predicts_takes_a_precision(cmd):
+    out = plain(runner.invoke(app, cmd.split() + ["--help"], env={"COLUMNS": "200"}).output)
+    assert "--precision" in out and "auto|bf16|fp32" in out, cmd
+    res = runner.invoke(app, cmd.split() + PRECISION_COMMANDS[cmd] + ["--precision", "fp8"])
+    assert res.exit_code == 2, res.output  # refused before any work
+
+
 def test_missing_dataset_is_one_line_and_says_download(tmp_path):
     res = runner.invoke(app, ["fit", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
     assert res.exit_code == 1
