@@ -242,6 +242,8 @@ def compute_cams(learn_or_model: Learner | nn.Module, images, targets=None, meth
     device = next(model.parameters()).device
     learner_precision, channels_last = _precision_of(learn_or_model)
     dtype = autocast_dtype(precision or learner_precision, device)  # ValueError on an unknown precision
+    if dtype == torch.float16:  # an old GPU: fp16 gradients without loss scaling can underflow to blank maps
+        dtype = None
     x = as_input(images, device)
     if channels_last:
         model.to(memory_format=torch.channels_last)  # as FastDevice leaves it after a batch
