@@ -377,6 +377,12 @@ def _inputs(learn: Learner, paths: Sequence[Path], bs: int = 64) -> torch.Tensor
     return torch.cat([b[0].as_subclass(torch.Tensor).cpu() for b in dl]) if len(paths) else torch.zeros(0, 3, 1, 1)
 
 
+def inputs_and_probs(learn: Learner, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model inputs for `paths` (as `_inputs`) and the class probabilities, from one pass of `get_preds`."""
+    x, probs, _ = learn.get_preds(dl=learn.dls.test_dl(list(paths)), with_input=True)
+    return x.as_subclass(torch.Tensor).contiguous(), probs.float()
+
+
 def _pick(correct: np.ndarray, losses: np.ndarray, n: int) -> list[int]:
     """Half right, half wrong when there are enough of each: the most confident mistakes (fastai's
     top-losses idea: the instructive ones) and an even spread of the right ones."""
@@ -419,11 +425,8 @@ def gradcam_grid(learn: Learner, n: int = 16, method: str = "gradcam", layer: st
         from .predict import check_images  # here: predict.py builds on this module
 
         paths = check_images(images)[:n]
-        probs = None
         labels = [_label_of(p, learn, annotations) for p in paths]
-    x = _inputs(learn, paths)
-    if probs is None:
-        probs, _ = learn.get_preds(dl=learn.dls.test_dl(paths))
+    x, probs = inputs_and_probs(learn, paths) if images is not None else (_inputs(learn, paths), probs)
     preds = probs.argmax(1).numpy()
     cams = compute_cams(learn, x, targets=preds, method=method, layer=layer)
     rgb = denormalise(x)

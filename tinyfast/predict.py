@@ -13,10 +13,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from fastai.learner import Learner
 
-from .cam import CAM_METHODS, cam_overlay, compute_cams, resolve_layer
+from .cam import CAM_METHODS, _names, cam_overlay, compute_cams, inputs_and_probs, resolve_layer
 from .data import load_rgb
 from .dataset import DatasetError
 
@@ -39,20 +38,14 @@ def check_images(paths: Sequence[Path | str] | Path | str) -> list[Path]:
     return paths
 
 
-def _probs(learn: Learner, paths: list[Path]) -> torch.Tensor:
-    probs, _ = learn.get_preds(dl=learn.dls.test_dl(paths))
-    return probs.float()
-
-
 def predict_images(learn: Learner, paths: Sequence[Path | str] | Path | str, topk: int = 5) -> list[dict]:
     """For each image, {"path": str, "top": [(wnid, name, probability), ...]}: the `topk` most probable
     classes, most probable first (`topk` is capped at the number of classes)."""
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     paths = check_images(paths)
-    vocab = list(learn.dls.vocab)
-    names = list(getattr(learn.dls, "names", None) or vocab)
-    probs = _probs(learn, paths)
+    vocab, names = list(learn.dls.vocab), _names(learn)
+    _, probs = inputs_and_probs(learn, paths)
     values, idx = probs.topk(min(topk, probs.shape[1]), dim=1)
     return [{"path": str(p), "top": [(vocab[i], names[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())]}
             for p, vs, ix in zip(paths, values, idx)]
@@ -68,9 +61,8 @@ def save_cam_overlays(learn: Learner, paths: Sequence[Path | str] | Path | str, 
         raise ValueError(f"unknown CAM method {method!r}; choose one of: {', '.join(CAM_METHODS)}")
     resolve_layer(learn.model, layer)  # a bad layer fails before any model work
     paths = check_images(paths)
-    names = list(getattr(learn.dls, "names", None) or learn.dls.vocab)
-    x = torch.cat([b[0].as_subclass(torch.Tensor).cpu() for b in learn.dls.test_dl(paths)])
-    probs = _probs(learn, paths)
+    names = _names(learn)
+    x, probs = inputs_and_probs(learn, paths)
     top = probs.argmax(1).numpy()
     cams = compute_cams(learn, x, targets=top, method=method, layer=layer)
     written = []
