@@ -10,7 +10,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from .dataset import DatasetError, validate_layout
+from .dataset import DatasetError, read_wnids, validate_layout
 from .synthetic import make_tiny_imagenet
 
 DEMO_DATA = dict(n_train=100, n_val=20, n_test=5, size=64, seed=0)
@@ -22,7 +22,6 @@ def demo_dataset(dest: Path | str = "data/demo", classes: int = 10) -> Path:
     if root.exists():
         try:
             validate_layout(root)
-            from .dataset import read_wnids
             if len(read_wnids(root)) == classes:
                 return root
         except DatasetError:

@@ -23,9 +23,9 @@ and with tinyfast's `CachedBatchDL`:
 - `DistributedDL.rng` reads the wrapped loader's, so a checkpoint written mid-fit saves the stream that
   actually drives the epoch; rank 0's `epoch_seed` is broadcast like its shuffle, so an epoch depends on rank
   0's stream only, and a resumed run repeats the uninterrupted one.
-- DDP checks that parameters have the same strides on every rank: the model is made channels_last before it
-  is wrapped when `FastDevice` asks for channels_last (it would otherwise convert it at its first batch,
-  which rank 0 alone may have run).
+- DDP checks that parameters have the same strides on every rank: `FastDevice.before_fit` makes the model
+  channels_last before fastai's `DistributedTrainer` wraps it (otherwise rank 0 alone, which ran the summary,
+  would have converted it).
 """
 from __future__ import annotations
 
@@ -41,7 +41,6 @@ from fastai.torch_core import distrib_barrier, num_distrib, rank_distrib
 from fastcore.basics import patch
 from torch import nn
 
-from .learner import FastDevice
 
 try:
     from fastai.distributed import DistributedDL
@@ -74,11 +73,6 @@ def is_main_process() -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # The process group
 # ---------------------------------------------------------------------------------------------------------
-def backend_for_device() -> str:
-    """nccl where each process has a GPU, gloo on CPUs."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
-
-
 def setup_distributed() -> bool:
     """Join the process group the launcher described (env://), once; pin this process to its GPU first so
     that fastai's `default_device()` gives each rank its own. A no-op outside a multi-process launch.
@@ -88,17 +82,11 @@ def setup_distributed() -> bool:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank_distrib() % torch.cuda.device_count())))
     if not dist.is_initialized():
-        backend = backend_for_device()
+        backend = "nccl" if torch.cuda.is_available() else "gloo"  # nccl where each process has a GPU
         if backend == "gloo" and not dist.is_gloo_available():
             raise RuntimeError("distributed training on CPUs needs torch's gloo backend, which this torch build lacks")
         dist.init_process_group(backend=backend, init_method="env://")
     return True
-
-
-def teardown_distributed() -> None:
-    """Leave the process group (torch warns at exit about a group never destroyed)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def barrier() -> None:
@@ -236,10 +224,6 @@ def distributed_context(learn: Learner, sync_bn: bool = True):
 @contextmanager
 def _distributed(learn: Learner, sync_bn: bool) -> Iterator[Learner]:
     setup_distributed()
-    if any(isinstance(cb, FastDevice) and cb.channels_last for cb in learn.cbs):
-        # DDP wants the same parameter strides on every rank; FastDevice converts the model at its first batch,
-        # which rank 0 alone may already have run (learn.summary)
-        learn.model.to(memory_format=torch.channels_last)
     on_cpu = not torch.cuda.is_available()
     with learn.distrib_ctx(sync_bn=sync_bn and not on_cpu, cpu=on_cpu):
         trainer = getattr(learn, "distributed_trainer", None)

@@ -68,6 +68,8 @@ class FastDevice(Callback):
         return self._dtype_for[device]
 
     def before_fit(self):
+        if self.channels_last:  # before fastai's DistributedTrainer (order 11) wraps it: DDP wants equal strides
+            self.learn.model.to(memory_format=torch.channels_last)  # on every rank
         if self.dtype() == torch.float16 and not hasattr(self.learn, "mixed_precision"):
             self.learn.add_cb(MixedPrecision())
 
