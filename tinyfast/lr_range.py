@@ -325,7 +325,7 @@ def _fallback(lrs: list[float], losses: list[float], start_lr: float) -> tuple[f
 # ---------------------------------------------------------------------------------------------------------
 # The test
 # ---------------------------------------------------------------------------------------------------------
-def _check_args(learn: Learner, mode: str, num_it: int, start_lr: float, end_lr: float, n_val_batches: int) -> None:
+def _check_args(learn: Learner, num_it: int, start_lr: float, end_lr: float, n_val_batches: int) -> None:
     if not isinstance(num_it, int) or num_it < 2:
         raise ValueError(f"num_it must be an integer >= 2, got {num_it!r}")
     if not (math.isfinite(start_lr) and math.isfinite(end_lr) and 0 < start_lr < end_lr):
@@ -346,7 +346,7 @@ def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     lo, hi = DEFAULT_RANGE[mode]
     start_lr, end_lr = float(lo if start_lr is None else start_lr), float(hi if end_lr is None else end_lr)
-    _check_args(learn, mode, num_it, start_lr, end_lr, n_val_batches)
+    _check_args(learn, num_it, start_lr, end_lr, n_val_batches)
     if mode == "fastai":
         num_it = max(num_it, 6)   # fastai's LRFinder runs at least 6 steps whatever it is asked
     with _unchanged(learn):

@@ -310,7 +310,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         if a["lr"] != "auto":
             return a["lr"]
         from .lr_range import lr_range_test, write_lr_range
-        result = lr_range_test(learn, mode=a.get("lr_mode", "smith"), num_it=a["lr_iterations"], n_val_batches=2)
+        result = lr_range_test(learn, mode=a["lr_mode"], num_it=a["lr_iterations"], n_val_batches=2)
         write_lr_range(result, run_dir)
         config["args"]["lr_picked"] = result.suggested_lr
         atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
