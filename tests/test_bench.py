@@ -99,3 +99,38 @@ def test_bench_data_rejects_bad_arguments(tiny_root):
         bench_data(tiny_root, passes=0)
     with pytest.raises(ValueError, match="larger than the 96 training images"):
         bench_data(tiny_root, bs=128, size=32, device="cpu")
+
+
+def _one_image_loader(tiny_root, worker_init_fn):
+    """8 copies of one training image, 2 workers, batches of 4 in order: worker 0 serves batch 0, worker 1 batch 1."""
+    image = next((tiny_root / "train").glob("*/images/*"))
+    ds = HandWrittenDataset([image] * 8, [0] * 8, size=32)
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, generator=g, worker_init_fn=worker_init_fn)
+
+
+def test_plain_loop_workers_draw_their_own_augmentations(tiny_root):
+    """Albumentations does not reseed in forked workers: unseeded, both workers would augment identically."""
+    from tinyfast.bench import _seed_worker_augmentation
+
+    unseeded = [xb for xb, _ in _one_image_loader(tiny_root, None)]
+    assert torch.equal(unseeded[0], unseeded[1])  # the trap itself: both workers copied one generator
+    seeded = [xb for xb, _ in _one_image_loader(tiny_root, _seed_worker_augmentation)]
+    again = [xb for xb, _ in _one_image_loader(tiny_root, _seed_worker_augmentation)]
+    assert not torch.equal(seeded[0], seeded[1])
+    assert all(torch.equal(a, b) for a, b in zip(seeded, again))  # reproducible from the loader's seed
+
+
+def test_plain_loop_fit_trains_and_reports_every_epoch(tiny_root):
+    from tinyfast.bench import plain_loop_fit
+    from tinyfast.data import tiny_imagenet_files
+
+    wnids, files, val_wnids = tiny_imagenet_files(tiny_root)
+    o2i = {w: i for i, w in enumerate(wnids)}
+    train = [f for f in files if f.parent.parent.name != "val"]
+    val = [f for f in files if f.parent.parent.name == "val"]
+    rows = plain_loop_fit(HandWrittenDataset(train, [o2i[f.parent.parent.name] for f in train], 16),
+                          HandWrittenDataset(val, [o2i[val_wnids[f.name]] for f in val], 16, augment=False),
+                          len(wnids), epochs=2, bs=16, lr=0.05, num_workers=0, device="cpu")
+    assert [r["epoch"] for r in rows] == [1, 2] and all(0 <= r["accuracy"] <= 1 for r in rows)
+    assert 0 < rows[0]["elapsed"] < rows[1]["elapsed"]

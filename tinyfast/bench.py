@@ -31,8 +31,8 @@ from torch import nn
 
 import albumentations as alb  # after fastai (see tinyfast.data)
 
-from .data import (TINY_MEAN, TINY_STD, default_augmentation, tiny_imagenet_block, tiny_imagenet_dls,
-                   tiny_imagenet_files)
+from .data import (TINY_MEAN, TINY_STD, TinyLabel, default_augmentation, is_val, tiny_imagenet_block,
+                   tiny_imagenet_dls, tiny_imagenet_files)
 from .dataset import DatasetError, resolve_dataset
 from .learner import autocast_dtype, tiny_learner
 from .model import resnet18, training_flops_per_image
@@ -353,30 +353,41 @@ def format_bench_train(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # The same recipe, learned by tinyfast and by a plain PyTorch loop
 # ---------------------------------------------------------------------------------------------------------
+def _seed_worker_augmentation(worker_id: int) -> None:
+    """Albumentations does not reseed in DataLoader workers: each forked worker would draw the same augmentations
+    from the generator it copied. Seed each one from torch's per-worker seed (which derives from the loader's)."""
+    info = torch.utils.data.get_worker_info()
+    info.dataset.tfm.set_random_seed(info.seed % 2**32)
+
+
 def plain_loop_fit(train: HandWrittenDataset, valid: HandWrittenDataset, n_classes: int, epochs: int, bs: int,
                    lr: float, wd: float = 5e-4, label_smoothing: float = 0.1, seed: int = 0, num_workers: int = 2,
-                   stem: str = "cifar") -> list[dict]:
+                   stem: str = "cifar", device: torch.device | str | None = None) -> list[dict]:
     """tinyfast's recipe written by hand, as a PyTorch user would: the same ResNet18, fp32, one-cycle LR and
     momentum as fastai's `fit_one_cycle` (pct_start 0.25, div 25, final div 1e5, momentum 0.95-0.85-0.95),
     SGD with decoupled weight decay kept off BatchNorm and biases, label-smoothed cross-entropy, the same
-    Albumentations policy. Returns a row per epoch (val accuracy, cumulative seconds)."""
+    Albumentations policy, seeded per worker. Runs on `device` (default: fastai's default device, as tinyfast).
+    Returns a row per epoch (val accuracy, cumulative seconds)."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    model = resnet18(n_classes, stem=stem)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    device = torch.device(device) if device is not None else default_device()
+    model = resnet18(n_classes, stem=stem).to(device)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     opt = torch.optim.SGD([{"params": decay}, {"params": no_decay}], lr=lr, momentum=0.95)
     train_dl = torch.utils.data.DataLoader(train, bs, shuffle=True, drop_last=True, num_workers=num_workers,
-                                           generator=g, persistent_workers=num_workers > 0)
+                                           generator=g, persistent_workers=num_workers > 0,
+                                           worker_init_fn=_seed_worker_augmentation)
     valid_dl = torch.utils.data.DataLoader(valid, bs * 2, num_workers=num_workers)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(train_dl), pct_start=0.25,
-                                                div_factor=25, final_div_factor=1e5, base_momentum=0.85,
+                                                div_factor=25, final_div_factor=1e5 / 25, base_momentum=0.85,
                                                 max_momentum=0.95)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     rows, start = [], time.perf_counter()
     for epoch in range(epochs):
         model.train()
         for xb, yb in train_dl:
+            xb, yb = xb.to(device), yb.to(device)
             loss = loss_fn(model(xb), yb)
             opt.zero_grad()
             loss.backward()
@@ -389,6 +400,7 @@ def plain_loop_fit(train: HandWrittenDataset, valid: HandWrittenDataset, n_class
         correct = n = 0
         with torch.no_grad():
             for xb, yb in valid_dl:
+                xb, yb = xb.to(device), yb.to(device)
                 correct += (model(xb).argmax(1) == yb).sum().item()
                 n += len(yb)
         rows.append({"epoch": epoch + 1, "accuracy": correct / n, "elapsed": time.perf_counter() - start})
@@ -404,13 +416,13 @@ def bench_recipe(data: Path | str | None = None, classes: int = 10, train_per_cl
 
     root = resolve_dataset(data)
     wnids, files, val_wnids = tiny_imagenet_files(root, classes, train_per_class)
-    o2i = {w: i for i, w in enumerate(wnids)}
+    o2i, wnid_of = {w: i for i, w in enumerate(wnids)}, TinyLabel(val_wnids)  # the DataBlock's labels and split
 
     def label(f: Path) -> int:
-        return o2i[val_wnids[f.name]] if f.parent.parent.name == "val" else o2i[f.parent.parent.name]
+        return o2i[wnid_of(f)]
 
-    train_files = [f for f in files if f.parent.parent.name != "val"]
-    val_files = [f for f in files if f.parent.parent.name == "val"]
+    train_files = [f for f in files if not is_val(f)]
+    val_files = [f for f in files if is_val(f)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="tinyfast-recipe-") as tmp:
         for seed in seeds:
@@ -425,7 +437,7 @@ def bench_recipe(data: Path | str | None = None, classes: int = 10, train_per_cl
                 m = plain_loop_fit(HandWrittenDataset(train_files, [label(f) for f in train_files], size),
                                    HandWrittenDataset(val_files, [label(f) for f in val_files], size, augment=False),
                                    len(wnids), epochs, bs, lr, seed=seed)
-                accs = [r["accuracy"] for r in m]
+                accs = [row["accuracy"] for row in m]
                 rows.append({"trainer": "plain PyTorch", "precision": "fp32", "seed": seed, "best": max(accs),
                              "final": accs[-1], "seconds": m[-1]["elapsed"], "accuracies": accs})
     return rows
