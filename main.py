@@ -308,21 +308,38 @@ def bench_train_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP + "
 
 
 @bench_app.command("recipe")
-def bench_recipe_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
-                     classes: int = typer.Option(10, help="the first N classes (a real subset)"),
-                     train_per_class: Optional[int] = typer.Option(200, help="the first M training images of each class"),
+def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=DATA_HELP + "; repeat for several subsets"),
+                     against: str = typer.Option("classic", help="classic: the classic recipe written without tinyfast (benchmarks/classic.py), each at its LRs; plain: a plain PyTorch loop of tinyfast's own recipe"),
+                     classes: Optional[int] = typer.Option(10, help="the first N classes (a real subset); 0 for all"),
+                     train_per_class: Optional[int] = typer.Option(200, help="the first M training images of each class; 0 for all"),
                      size: int = typer.Option(32, help="input size in pixels"),
                      bs: int = typer.Option(64, help="batch size"),
-                     epochs: int = typer.Option(6, help="epochs of one-cycle"),
-                     lr: float = typer.Option(0.1, help="peak learning rate"),
+                     epochs: int = typer.Option(8, help="epochs of one-cycle"),
+                     lr: List[str] = typer.Option(["0.025", "0.05", "0.1", "0.2"], help="peak LRs; repeat; 'auto' (tinyfast only) is fit --lr auto's pick"),
                      seed: List[int] = typer.Option([0, 1], help="seeds; repeat the flag for several"),
-                     precision: List[str] = typer.Option(["auto", "fp32"], help="tinyfast precisions to run; repeat"),
-                     plain: bool = typer.Option(True, help="also train the plain PyTorch loop of the same recipe")):
-    """Accuracy on a real subset: tinyfast against a plain PyTorch loop of the same recipe, and bf16 against fp32."""
-    from tinyfast.bench import bench_recipe, format_bench_recipe
-    rows = run_safely(bench_recipe, data=data, classes=classes, train_per_class=train_per_class, size=size, bs=bs,
-                      epochs=epochs, lr=lr, seeds=tuple(seed), precisions=tuple(precision), plain=plain)
-    typer.echo(format_bench_recipe(rows))
+                     trainer: List[str] = typer.Option(["classic", "tinyfast"], help="classic, tinyfast; repeat"),
+                     variant: str = typer.Option("defaults", help="tinyfast with one recipe choice changed (benchmarks/recipe.py VARIANTS: previous, kaiming-init, no-label-smoothing, ...)"),
+                     results: Path = typer.Option(Path("recipe.jsonl"), help="one JSON line per run; runs already there are skipped"),
+                     precision: List[str] = typer.Option(["auto", "fp32"], help="--against plain: tinyfast precisions; repeat"),
+                     plain: bool = typer.Option(True, help="--against plain: also train the plain loop")):
+    """Accuracy on a real subset: tinyfast against the classic recipe (default) or a plain loop of its own recipe."""
+    subset = dict(classes=classes or None, train_per_class=train_per_class or None)
+    if against == "plain":
+        from tinyfast.bench import bench_recipe, format_bench_recipe
+        rows = run_safely(bench_recipe, data=(data or [None])[0], size=size, bs=bs, epochs=epochs, lr=_float(lr[0], "--lr"),
+                          seeds=tuple(seed), precisions=tuple(precision), plain=plain, **subset)
+        typer.echo(format_bench_recipe(rows))
+        return
+    if against != "classic":
+        fail(f"--against must be classic or plain, not {against!r}", 2)
+    from benchmarks.recipe import format_results, sweep
+    from tinyfast.dataset import resolve_dataset
+    roots = [run_safely(resolve_dataset, d) for d in (data or [None])]
+    lrs = tuple(x if x == "auto" else _float(x, "--lr") for x in lr)
+    rows = run_safely(sweep, roots, trainers=tuple(trainer), lrs=lrs, seeds=tuple(seed), epochs=epochs, bs=bs,
+                      size=size, variant=variant, results=results, **subset)
+    typer.echo(format_results(rows))
+
 
 if __name__ == "__main__":
     app()

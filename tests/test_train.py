@@ -22,7 +22,7 @@ LEARN = dict(size=32, bs=16, quiet=True)  # runs that must learn
 @pytest.fixture(scope="module")
 def run(tiny_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "first"
-    return fit(tiny_root, epochs=4, lr=0.05, out=out, **LEARN)
+    return fit(tiny_root, epochs=6, lr=0.02, out=out, **LEARN)
 
 
 def test_fit_learns_and_writes_a_complete_run_folder(run, tiny_root):
@@ -31,10 +31,10 @@ def test_fit_learns_and_writes_a_complete_run_folder(run, tiny_root):
     assert {"config.json", "summary.txt", "metrics.csv", "curves.png", "schedule.png", "model.pth",
             "learner.pkl", "checkpoint.pth"} <= names
     rows = list(csv.DictReader(open(run.run_dir / "metrics.csv")))
-    assert tuple(rows[0]) == METRIC_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert tuple(rows[0]) == METRIC_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert max(float(r["accuracy"]) for r in rows) == pytest.approx(run.best_accuracy)
     cfg = json.loads((run.run_dir / "config.json").read_text())
-    assert cfg["args"]["epochs"] == 4 and cfg["args"]["lr"] == 0.05 and cfg["dataset"]["classes"] == 4
+    assert cfg["args"]["epochs"] == 6 and cfg["args"]["lr"] == 0.02 and cfg["dataset"]["classes"] == 4
     assert "torch" in cfg["versions"] and cfg["command"]
     assert "ResNet" in (run.run_dir / "summary.txt").read_text()
 
@@ -84,12 +84,12 @@ class InterruptAt(Callback):
 def test_resume_ends_where_an_uninterrupted_run_ends(run, tiny_root, tmp_path):
     out = tmp_path / "cut"
     with pytest.raises(RunInterrupted, match="--resume"):
-        fit(tiny_root, epochs=4, lr=0.05, out=out, cbs=[InterruptAt(2, 1)], **LEARN)
+        fit(tiny_root, epochs=6, lr=0.02, out=out, cbs=[InterruptAt(2, 1)], **LEARN)
     assert len(list(csv.DictReader(open(out / "metrics.csv")))) == 2
     resumed = fit(tiny_root, out=out, resume=True, quiet=True)
     full = torch.load(run.run_dir / "checkpoint.pth", weights_only=False)
     cut = torch.load(out / "checkpoint.pth", weights_only=False)
-    assert cut["epoch"] == full["epoch"] == 4
+    assert cut["epoch"] == full["epoch"] == 6
     for k, v in full["model"].items():
         assert torch.allclose(v.float(), cut["model"][k].float(), atol=1e-5), k
     assert cut["lrs"] == pytest.approx(full["lrs"])  # same schedule position

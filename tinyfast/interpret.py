@@ -273,15 +273,14 @@ def plot_top_losses(p: ValPredictions, k: int = 16, root: Path | str | None = No
 
 def confused_classes(p: ValPredictions, n_pairs: int = 10, cm: torch.Tensor | None = None) -> list[int]:
     """Class indices appearing in the `n_pairs` most confused (actual, predicted) pairs, in order of first
-    appearance."""
+    appearance; ties broken as `most_confused` breaks them (row-major), so both name the same pairs."""
     if n_pairs < 1:
         raise ValueError(f"n_pairs must be >= 1, got {n_pairs}")
-    cm = (confusion_matrix(p) if cm is None else cm).clone().fill_diagonal_(0)
-    flat = cm.flatten()
-    counts, cells = flat.topk(min(n_pairs, flat.numel()))
+    pairs = most_confused(p, cm=cm).head(n_pairs)
+    index = {w: i for i, w in enumerate(p.vocab)}
     classes: list[int] = []
-    for cell in cells[counts > 0].tolist():
-        for c in divmod(cell, p.n_classes):
+    for actual, predicted in zip(pairs["actual_wnid"], pairs["predicted_wnid"]):
+        for c in (index[actual], index[predicted]):
             if c not in classes:
                 classes.append(c)
     return classes

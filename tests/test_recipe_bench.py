@@ -1,0 +1,91 @@
+"""The classic-recipe baseline and the recipe sweep: independent of tinyfast, same data, resumable.
+Accuracy itself is measured on purpose (`python main.py bench recipe`), never asserted here."""
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import classic, recipe
+from benchmarks.classic import ClassicResNet18, classic_fit, read_split
+from tinyfast.data import is_val, tiny_imagenet_files
+from tinyfast.model import resnet18
+
+
+def test_classic_recipe_imports_nothing_of_tinyfast():
+    tree = ast.parse(Path(classic.__file__).read_text())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert imported and not [m for m in imported if m.startswith(("tinyfast", "fastai", "."))]
+
+
+def test_classic_split_is_tinyfasts_subset(tiny_root):
+    wnids, train, val = read_split(tiny_root, classes=3, train_per_class=5)
+    t_wnids, files, val_wnids = tiny_imagenet_files(tiny_root, 3, 5)
+    assert wnids == t_wnids
+    assert [p for p, _ in train] == [f for f in files if not is_val(f)]
+    assert sorted(p for p, _ in val) == sorted(f for f in files if is_val(f))
+    assert all(wnids[label] == val_wnids[p.name] for p, label in val)
+    assert len(train) == 15 and len(val) == 3 * 8
+
+
+def test_classic_model_keeps_pytorch_default_init():
+    torch.manual_seed(0)
+    model = ClassicResNet18(10)
+    assert all(float(m.weight.min()) == 1.0 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    conv = model.layer2[0].conv2
+    assert float(conv.weight.abs().max()) <= 1 / (conv.weight[0].numel() ** 0.5)  # kaiming_uniform(a=sqrt(5))'s bound
+    assert model(torch.randn(2, 3, 24, 24)).shape == (2, 10)
+
+
+def test_tinyfast_init_choices():
+    torch.manual_seed(0)
+    default, previous = resnet18(10), resnet18(10, init="kaiming", zero_init_residual=True)
+    conv, bound = default.layer2[0].conv2.weight, 1 / (128 * 9) ** 0.5
+    assert float(conv.abs().max()) <= bound
+    assert float(previous.layer2[0].conv2.weight.std()) == pytest.approx((2 / (128 * 9)) ** 0.5, rel=0.05)
+    assert float(default.layer1[0].bn2.weight.min()) == 1.0
+    assert float(previous.layer1[0].bn2.weight.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="init"):
+        resnet18(10, init="xavier")
+
+
+def test_classic_fit_trains_and_counts(tiny_root):
+    rows = classic_fit(tiny_root, epochs=2, lr=0.05, bs=16, size=16, seed=0, precision="fp32", device="cpu")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(0 <= r["accuracy"] <= 1 and r["train_loss"] > 0 for r in rows)
+    assert 0 < rows[0]["seconds"] < rows[1]["seconds"]
+    with pytest.raises(ValueError, match="precision"):
+        classic_fit(tiny_root, epochs=1, precision="fp16")
+
+
+def test_sweep_appends_and_resumes(tiny_root, tmp_path, monkeypatch):
+    results = tmp_path / "r.jsonl"
+    kw = dict(lrs=(0.05,), seeds=(0,), epochs=1, bs=16, size=16, results=results, log=lambda m: None)
+    rows = recipe.sweep([tiny_root], **kw)
+    assert [(r["trainer"], r["variant"]) for r in rows] == [("classic", "bf16"), ("tinyfast", "defaults")]
+    tiny = rows[1]
+    assert tiny["independent_final"] == pytest.approx(tiny["final"], abs=1e-6)  # fastai's metric = a count from val_annotations
+    assert len(results.read_text().splitlines()) == 2
+
+    calls = []
+    monkeypatch.setattr(recipe, "run_one", lambda *a, **k: calls.append(a) or dict(rows[0], lr=0.1))
+    recipe.sweep([tiny_root], **kw)  # nothing new to run
+    assert calls == []
+    recipe.sweep([tiny_root], **{**kw, "lrs": (0.05, 0.1), "trainers": ("classic",)})
+    assert len(calls) == 1 and calls[0][2] == 0.1
+    assert [json.loads(line)["lr"] for line in results.read_text().splitlines()] == [0.05, 0.05, 0.1]
+    table = recipe.format_results(recipe.read_results(results))
+    assert "| classic | bf16 |" in table and "lr 0.1" in table
+
+
+def test_sweep_refuses_bad_requests(tiny_root, tmp_path):
+    with pytest.raises(ValueError, match="auto"):
+        recipe.sweep([tiny_root], trainers=("classic",), lrs=("auto",), results=tmp_path / "r.jsonl")
+    with pytest.raises(ValueError, match="variant"):
+        recipe.sweep([tiny_root], variant="bigger", results=tmp_path / "r.jsonl")
+    with pytest.raises(ValueError, match="trainer"):
+        recipe.sweep([tiny_root], trainers=("keras",), results=tmp_path / "r.jsonl")
