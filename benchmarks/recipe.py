@@ -44,7 +44,6 @@ def tinyfast_fit(root: Path | str, epochs: int = 8, lr: float | str = 0.1, bs: i
                  seed: int = 0, variant: str = "defaults", classes: int | None = None,
                  train_per_class: int | None = None) -> tuple[list[dict], float, float]:
     """(rows per epoch, the LR used, final top-1 counted against val_annotations.txt)."""
-    import torch
     from fastai.torch_core import set_seed
     from tinyfast.data import tiny_imagenet_dls
     from tinyfast.learner import tiny_learner
