@@ -83,7 +83,7 @@ def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
             bs: int = typer.Option(256, help="batch size"),
             lr: str = typer.Option("0.1", help="peak (one-cycle) or starting (plateau) learning rate, or 'auto' to run the LR range test first"),
             schedule: Schedule = typer.Option(Schedule.one_cycle, help="fit_one_cycle, or SGD with ReduceLROnPlateau"),
-            wd: float = typer.Option(5e-4, help="weight decay (not applied to BatchNorm and biases)"),
+            wd: float = typer.Option(5e-3, help="decoupled weight decay, not applied to BatchNorm and biases (5e-3 is about the classic L2 5e-4 under momentum 0.9)"),
             mom: float = typer.Option(0.9, help="SGD momentum (one-cycle cycles it 0.95-0.85-0.95 as fastai does)"),
             label_smoothing: float = typer.Option(0.1, help="label smoothing of the cross-entropy (0 for none)"),
             size: int = typer.Option(64, help="input size in pixels"),
@@ -100,7 +100,12 @@ def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
             train_per_class: Optional[int] = typer.Option(None, help="use the first M training images of each class"),
             aug: bool = typer.Option(True, help="the default Albumentations policy on the training split"),
             lr_mode: Mode = typer.Option(Mode.smith, help="--lr auto: which LR range test picks the LR (fastai's valley suits Adam, not SGD)"),
-            lr_iterations: int = typer.Option(100, help="--lr auto: iterations of the LR range test")):
+            lr_iterations: int = typer.Option(100, help="--lr auto: iterations of the LR range test"),
+            ema: float = typer.Option(0.0, help="EMA of the weights with this decay (0.999 is usual; 0: off): validated and saved as model.pth"),
+            mixup: float = typer.Option(0.0, help="fastai's MixUp with this Beta alpha (0.4 is usual; 0: off)"),
+            cutmix: float = typer.Option(0.0, help="fastai's CutMix with this Beta alpha (1.0 is usual; 0: off)"),
+            progressive: int = typer.Option(0, help="progressive resizing: the first half of the epochs grows from this size to --size (0: off)"),
+            tta: bool = typer.Option(False, help="also score the best model with fastai's test-time augmentation (tta.json)")):
     """Train the ResNet18 and write a run folder (metrics, curves, model, learner.pkl, the exact command)."""
     from tinyfast.train import fit
     lr_value = lr if lr == "auto" else _float(lr, "--lr")
@@ -108,7 +113,8 @@ def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                         label_smoothing=label_smoothing, size=size, stem=stem.value, out=out, resume=resume, seed=seed,
                         precision=precision.value, num_workers=num_workers, monitor=monitor, patience=patience,
                         factor=factor, classes=classes, train_per_class=train_per_class, aug=aug,
-                        lr_mode=lr_mode.value, lr_iterations=lr_iterations, command=command_line())
+                        lr_mode=lr_mode.value, lr_iterations=lr_iterations, ema=ema, mixup=mixup, cutmix=cutmix,
+                        progressive=progressive, tta=tta, command=command_line())
     from tinyfast.distributed import is_main_process
     if is_main_process():
         typer.echo(f"best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch}, "

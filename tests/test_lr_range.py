@@ -139,7 +139,9 @@ def test_fastai_mode_exponential_curve_over_several_epochs(fastai_result, dls):
 
 def test_smith_mode_linear_curve_on_held_out_loss(smith_result):
     r = smith_result
-    assert (r.mode, r.start_lr, r.end_lr) == ("smith",) + DEFAULT_RANGE["smith"]
+    assert (r.mode, r.start_lr) == ("smith", DEFAULT_RANGE["smith"][0])
+    # a sweep that diverged early was swept again up to where it did (test_smith_zooms_in_...)
+    assert (r.end_lr < DEFAULT_RANGE["smith"][1]) == ("swept again" in r.reason)
     assert 6 < len(r.lrs) <= SMITH_IT
     assert np.allclose(r.lrs, np.linspace(r.start_lr, r.end_lr, SMITH_IT)[:len(r.lrs)])   # linear, start to end
     assert len(set(r.losses)) > len(r.losses) // 2   # the fixed batches' loss moved as the weights did
@@ -147,6 +149,19 @@ def test_smith_mode_linear_curve_on_held_out_loss(smith_result):
     assert_sane(r)
     assert r.suggestions["min_loss"] <= r.suggestions["max_converging"] == 2 * r.suggestions["smith"]
     assert r.start_lr < r.suggested_lr <= r.end_lr and "held-out" in r.reason
+
+
+def test_smith_zooms_in_when_the_sweep_diverges_early(dls, tmp_path):
+    """A sweep to an absurd end_lr diverges within a few steps: the curve would have no point below the cliff.
+    The test sweeps again, from the same state, up to the LR where it diverged, and says so."""
+    learn = small_learner(dls, path=tmp_path)
+    before = snapshot(learn)
+    r = quiet_test(learn, mode="smith", num_it=SMITH_IT, end_lr=100.0, n_val_batches=2)
+    assert "swept again" in r.reason and "diverged at" in r.reason
+    assert r.end_lr < 100 and len(r.lrs) >= 6
+    assert np.allclose(r.lrs, np.linspace(r.start_lr, r.end_lr, SMITH_IT)[:len(r.lrs)])   # the new sweep, linear
+    assert r.start_lr < r.suggested_lr <= r.end_lr
+    assert_same(before, learn)   # every sweep started from the same state, and it is back
 
 
 @pytest.mark.parametrize("mode", ["fastai", "smith"])
@@ -221,13 +236,13 @@ def test_curve_cut_at_first_non_finite_loss(dls, mode):
 
 
 def test_absurd_end_lr(dls):
-    """Smith's linear sweep to 1e6 is at 5e4 by its second step: the loss goes non-finite at once, the curve
-    keeps its one finite point, and the fallback (a tenth of the best LR) answers, with warnings. fastai's
+    """Smith's linear sweep to 1e6 is at 5e4 by its second step: the loss goes non-finite at once. The test
+    sweeps again up to where it did, up to MAX_ZOOMS times, says so, and answers sanely, with warnings. fastai's
     exponential sweep to 1e6 is stopped by its divergence test first; it must still give a sane answer."""
     r = quiet_test(small_learner(dls), mode="smith", num_it=20, end_lr=1e6)
     assert_sane(r)
-    assert len(r.lrs) < 20 and any("NaN/inf" in w for w in r.warnings)
-    assert any("no rule gave a usable LR" in w for w in r.warnings)
+    assert r.end_lr < 1e6 and any("went NaN/inf at" in w and "swept again" in w for w in r.warnings)
+    assert "swept again" in r.reason
     r = quiet_test(small_learner(dls), mode="fastai", num_it=12, end_lr=1e6)
     assert_sane(r)
     assert r.lrs[-1] < 1e6

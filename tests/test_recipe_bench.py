@@ -89,3 +89,14 @@ def test_sweep_refuses_bad_requests(tiny_root, tmp_path):
         recipe.sweep([tiny_root], variant="bigger", results=tmp_path / "r.jsonl")
     with pytest.raises(ValueError, match="trainer"):
         recipe.sweep([tiny_root], trainers=("keras",), results=tmp_path / "r.jsonl")
+
+
+@pytest.mark.parametrize("variant", ["ema-0.99", "progressive-half"])
+def test_lever_variants_run_through_fits_callbacks(tiny_root, tmp_path, variant):
+    """A lever variant trains with the callbacks `fit` would add; the EMA's final top-1 is the average's, as
+    fastai counted it; every tinyfast row also has its TTA top-1."""
+    rows = recipe.sweep([tiny_root], trainers=("tinyfast",), lrs=(0.05,), seeds=(0,), epochs=2, bs=16, size=16,
+                        variant=variant, results=tmp_path / "r.jsonl", log=lambda m: None)
+    (row,) = rows
+    assert row["variant"] == variant and 0.0 <= row["tta_final"] <= 1.0
+    assert row["independent_final"] == pytest.approx(row["final"], abs=1e-6)

@@ -16,7 +16,7 @@ from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from fastai.metrics import accuracy, top_k_accuracy
-from fastai.optimizer import SGD
+from fastai.optimizer import Optimizer, average_grad, l2_reg, momentum_step, sgd_step, weight_decay
 from fastai.torch_core import to_float
 from torch import nn
 
@@ -101,14 +101,36 @@ class FastDevice(Callback):
         return {**self.__dict__, "_ctx": None, "_dtype_for": {}}
 
 
-def tiny_learner(dls: DataLoaders, model: nn.Module | None = None, stem: str = "cifar", wd: float = 5e-4,
+def nesterov_step(p, lr, mom, grad_avg, **kwargs):
+    """torch's Nesterov update, `p -= lr * (g + mom * buf)` with `buf = mom * buf + g`, as a fastai stepper."""
+    p.data.add_(p.grad.data.add(grad_avg, alpha=mom), alpha=-lr)
+
+
+def SGD(params, lr: float, mom: float = 0.0, wd: float = 0.0, decouple_wd: bool = True,
+        nesterov: bool = False) -> Optimizer:
+    """fastai's `SGD`, plus Nesterov momentum, which fastai's lacks. Still a fastai `Optimizer`, so fastai's
+    one-cycle and `ReduceLROnPlateau` set its LR and momentum (a torch SGD in `OptimWrapper` they would not)."""
+    cbs = [weight_decay] if decouple_wd else [l2_reg]
+    if mom == 0:
+        return Optimizer(params, cbs + [sgd_step], lr=lr, mom=mom, wd=wd)
+    cbs += [average_grad, nesterov_step if nesterov else momentum_step]
+    return Optimizer(params, cbs, lr=lr, mom=mom, wd=wd)
+
+
+def tiny_learner(dls: DataLoaders, model: nn.Module | None = None, stem: str = "cifar", wd: float = 5e-3,
                  mom: float = 0.9, label_smoothing: float = 0.1, precision: str = "auto",
-                 channels_last: bool = True, wd_bn_bias: bool = False, cbs=None, **kwargs) -> Learner:
-    """A fastai Learner for TinyImageNet-style `dls`: `resnet18(dls.c)` unless `model` is given, fastai's SGD
-    with momentum (fastai's own optimizer, so its schedulers and `ReduceLROnPlateau` act on it), decoupled
-    weight decay kept off BatchNorm and biases, and accuracy + top-5 as metrics."""
+                 channels_last: bool = True, wd_bn_bias: bool = False, decouple_wd: bool = True,
+                 nesterov: bool = False, cbs=None, **kwargs) -> Learner:
+    """A fastai Learner for TinyImageNet-style `dls`: `resnet18(dls.c)` unless `model` is given, SGD with
+    momentum (fastai's own optimizer, so its schedulers and `ReduceLROnPlateau` act on it), weight decay kept
+    off BatchNorm and biases, and accuracy + top-5 as metrics.
+    Why `wd=5e-3`: decoupled decay shrinks the weights by lr*wd a step, while the classic L2 penalty
+    (`decouple_wd=False`) goes through the momentum and acts ~1/(1-mom) = 10x as strongly, so decoupled 5e-3 is
+    about the classic recipe's L2 5e-4. With 5e-4 decoupled (the default until 2026-12-02) tinyfast trailed
+    the classic recipe on real subsets; with 5e-3 it matches it (README, "The recipe")."""
     model = model if model is not None else resnet18(n_classes=dls.c, stem=stem)
     loss = LabelSmoothingCrossEntropyFlat(eps=label_smoothing) if label_smoothing > 0 else CrossEntropyLossFlat()
     cbs = [FastDevice(precision, channels_last)] + list(cbs or [])
-    return Learner(dls, model, loss_func=loss, opt_func=partial(SGD, mom=mom), metrics=[accuracy, top5],
+    opt_func = partial(SGD, mom=mom, decouple_wd=decouple_wd, nesterov=nesterov)
+    return Learner(dls, model, loss_func=loss, opt_func=opt_func, metrics=[accuracy, top5],
                    wd=wd, wd_bn_bias=wd_bn_bias, cbs=cbs, **kwargs)

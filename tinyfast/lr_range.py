@@ -13,6 +13,11 @@ Two tests, both a short mock training whose LR grows every step:
   Its suggestion (`smith_rule`) is half the largest LR that converges: the last LR before the smoothed held-out
   loss climbs out of its bottom (10% of its descent above its minimum), halved by Smith's factor-of-two rule.
 
+A fresh model diverges early in a sweep that has no warm-up: with PyTorch's init, a 10-class subset's held-out
+loss stays near ln(10) up to lr ~0.03 and explodes by ~0.04, the 4th step of a sweep to 1.0. A sweep that
+diverges within its first quarter (or 20 points) is therefore run again, from the same state, up to the LR where
+it diverged (at most `MAX_ZOOMS` times), so that the curve has resolution below the cliff; the reason says so.
+
 Why a linear sweep for Smith's test: SGD with momentum on a BatchNorm ResNet works with peak LRs of about
 0.05-0.5, a range a log sweep from 1e-7 crosses in a dozen steps; a linear sweep to 1.0 spends half of its
 steps there. Its start hardly matters (the second step is already at end_lr/num_it), and 1.0 is well past
@@ -61,7 +66,9 @@ DEFAULT_RANGE = {"fastai": (1e-7, 10.0), "smith": (1e-3, 1.0)}
 MIN_RELIABLE_POINTS = 20   # below this many points on the curve, no rule is trustworthy: warn
 DIVERGENCE_FACTOR = 4.0    # stop a sweep once its loss is 4x the best so far (fastai's `stop_div`)
 SMITH_RISE = 0.10          # Smith rule: the curve "rises" once it is 10% of its descent above its minimum
+SMITH_FLOOR = 0.05         # ... or 5% of the minimum loss, whichever is more: on a flat curve, noise is no rise
 SMITH_FACTOR = 2.0         # ... and the optimum is within a factor of two of the largest converging LR
+MAX_ZOOMS = 4              # a Smith sweep that diverges within its first quarter is rerun up to where it did
 FASTAI_ORDER = ("valley", "minimum", "slide", "steep")   # preference when the one before is unusable
 FASTAI_RULES = {"valley": (valley, 1), "minimum": (minimum, 1), "slide": (slide, 16), "steep": (steep, 2)}
 FASTAI_WHY = {"valley": "middle of the longest descending stretch of the training loss (fastai's default)",
@@ -270,7 +277,9 @@ def smith_rule(lrs: list[float], losses: list[float]) -> tuple[float, dict[str, 
     loss stops falling and starts to rise, and adds the rule of thumb that the optimum LR is usually within a
     factor of two of it. The rule makes the reading exact and noise-proof: smooth the curve (`smooth`,
     centred, so the rise stays at the LR where it happened), find its minimum, call the bottom everything
-    within `SMITH_RISE` (10%) of the curve's descent (first value minus minimum) above that minimum, and take
+    within `SMITH_RISE` (10%) of the curve's descent (first value minus minimum) above that minimum, or within
+    `SMITH_FLOOR` (5%) of the minimum itself where the curve barely descends (a fresh model, whose held-out loss
+    stays near ln(classes) until it diverges: there a 10% band would be noise-thin), and take
     as the largest converging LR the last LR before the smoothed curve, after its minimum, climbs out of the
     bottom (on a sharp minimum, the argmin; on a flat bottom, its right end instead of wherever the noise put
     the argmin). The suggestion is half of that: a 1cycle schedule holds its peak for many steps, and the edge
@@ -280,13 +289,13 @@ def smith_rule(lrs: list[float], losses: list[float]) -> tuple[float, dict[str, 
     y = smooth(losses)
     lrs = np.asarray(lrs, dtype=float)
     i_min = int(np.argmin(y))
-    band = y[i_min] + SMITH_RISE * max(y[0] - y[i_min], 0.0)
+    band = y[i_min] + max(SMITH_RISE * max(y[0] - y[i_min], 0.0), SMITH_FLOOR * abs(y[i_min]))
     above = np.nonzero(y[i_min:] > band)[0]
     i_edge = i_min + int(above[0]) - 1 if len(above) else len(y) - 1
     lr = float(lrs[i_edge]) / SMITH_FACTOR
     points = {"min_loss": float(lrs[i_min]), "max_converging": float(lrs[i_edge]), "smith": lr}
     why = (f"half the largest converging LR {lrs[i_edge]:.3g}, the last before the smoothed held-out loss rises "
-           f"{SMITH_RISE:.0%} of its descent above its minimum (at lr {lrs[i_min]:.3g})")
+           f"out of the bottom of the curve (minimum at lr {lrs[i_min]:.3g})")
     return lr, points, why
 
 
@@ -349,11 +358,19 @@ def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start
     _check_args(learn, num_it, start_lr, end_lr, n_val_batches)
     if mode == "fastai":
         num_it = max(num_it, 6)   # fastai's LRFinder runs at least 6 steps whatever it is asked
+    zooms: list[tuple] = []   # (end_lr of a sweep that diverged early, its points, where, whether NaN/inf)
     with _unchanged(learn):
         if mode == "fastai":
             lrs, losses, bad_lr = _fastai_sweep(learn, start_lr, end_lr, num_it)
         else:
             lrs, losses, bad_lr, n_held = _smith_sweep(learn, start_lr, end_lr, num_it, n_val_batches)
+            for _ in range(MAX_ZOOMS):  # diverged early: the curve has no resolution below the cliff
+                stop_lr = bad_lr if bad_lr is not None else (lrs[-1] if lrs else None)
+                if len(lrs) >= max(MIN_RELIABLE_POINTS, num_it // 4) or stop_lr is None or stop_lr <= 2 * start_lr:
+                    break
+                zooms.append((end_lr, len(lrs), stop_lr, bad_lr is not None))
+                end_lr = stop_lr
+                lrs, losses, bad_lr, n_held = _smith_sweep(learn, start_lr, end_lr, num_it, n_val_batches)
     warnings: list[str] = []
     if bad_lr is not None:
         warnings.append(f"the loss became NaN/inf at lr {bad_lr:.3g}: curve cut there, suggestions from the "
@@ -364,6 +381,11 @@ def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start
     suggested, suggestions, reason = _suggest(mode, lrs, losses, num_it, start_lr, end_lr, warnings)
     if mode == "smith":
         reason += f"; held-out loss on {n_held} validation batches"
+        for end, n, at, nonfinite in zooms:
+            note = (f"the sweep to {end:.3g} {'went NaN/inf' if nonfinite else 'diverged'} at {at:.3g} after {n} "
+                    f"steps, so it was swept again to {at:.3g}")
+            reason += f"; {note}"
+            warnings.insert(0, note)
     return LRRangeResult(mode=mode, suggested_lr=float(suggested), lrs=lrs, losses=losses, suggestions=suggestions,
                          reason=reason, warnings=warnings, start_lr=start_lr, end_lr=end_lr, num_it=num_it)
 

@@ -112,8 +112,9 @@ class Plateau(ReduceLROnPlateau):
 
 
 class RunLogger(Callback):
-    """After every epoch: a metrics.csv row, model.pth when accuracy improves, and checkpoint.pth holding all
-    a resume needs (model, optimizer, epoch, the train DataLoader's rng, the rows and the LR/mom trace)."""
+    """After every epoch: a metrics.csv row, model.pth when accuracy improves (the EMA weights in an EMA run),
+    and checkpoint.pth holding all a resume needs (model, optimizer, EMA, epoch, the train DataLoader's rng, the
+    rows and the LR/mom trace)."""
     order = 70  # after Recorder (50) and the trackers (60-62)
 
     def __init__(self, run_dir: Path, start: dict | None = None):
@@ -151,12 +152,13 @@ class RunLogger(Callback):
         self.best = max(self.best, acc)
         if not self.writes:
             return
-        model = unwrap_model(self.learn.model)
-        if improved:
-            atomic_save(model.state_dict(), self.run_dir / "model.pth")
+        model, ema = unwrap_model(self.learn.model), getattr(self.learn, "ema", None)
+        if improved:  # the weights that were validated: the EMA's when there is one
+            atomic_save(ema.averaged_state() if ema is not None else model.state_dict(), self.run_dir / "model.pth")
         self.write_metrics()
         plateau = getattr(self.learn, "plateau", None)
         atomic_save(dict(model=model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch + 1,
+                         ema=ema.checkpoint_state() if ema is not None else None,
                          dl_rng=self.dls.train.rng.getstate(), py_rng=random.getstate(), np_rng=np.random.get_state(),
                          torch_rng=torch.get_rng_state(), rows=self.rows, lrs=self.lrs, moms=self.moms,
                          lr=float(self.opt.hypers[-1]["lr"]),
@@ -255,18 +257,25 @@ class FitResult:
     best_accuracy: float
     best_epoch: int | None
     seconds: float
+    tta_accuracy: float | None = None
 
 
 def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: float | str = 0.1,
-        schedule: str = "one-cycle", wd: float = 5e-4, mom: float = 0.9, label_smoothing: float = 0.1,
+        schedule: str = "one-cycle", wd: float = 5e-3, mom: float = 0.9, label_smoothing: float = 0.1,
         size: int = 64, stem: str = "cifar", out: Path | str | None = None, resume: bool = False, seed: int = 42,
         precision: str = "auto", num_workers: int | None = None, monitor: str = "valid_loss", patience: int = 2,
         factor: float = 5.0, classes: int | None = None, train_per_class: int | None = None, aug: bool = True,
-        lr_mode: str = "smith", lr_iterations: int = 100, command: str | None = None, cbs: list | None = None, quiet: bool = False) -> FitResult:
+        lr_mode: str = "smith", lr_iterations: int = 100, ema: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
+        progressive: int = 0, tta: bool = False, command: str | None = None, cbs: list | None = None,
+        quiet: bool = False) -> FitResult:
     """Train and write a run folder. `lr="auto"` first runs the LR range test `lr_mode` ("smith": linear sweep on
     a held-out loss, the default, as fastai's valley suggests LRs far too low for SGD; or "fastai") for
     `lr_iterations` steps, and uses its suggestion.
     `schedule="plateau"`: SGD at `lr`, divided by `factor` when `monitor` has not improved for `patience` epochs.
+    The levers toward the full-data target, each off by default (docs/BENCHMARKS.md has what each measured):
+    `ema=0.999` validates and saves an EMA of the weights; `mixup=0.4` / `cutmix=1.0` are the Beta alpha of
+    fastai's `MixUp` / `CutMix`; `progressive=32` trains the first half of the epochs from 32 px up to `size`;
+    `tta=True` also scores the best model with fastai's `tta` (tta.json).
     `resume=True` continues `out` (or the newest run under runs/) from its checkpoint, with its saved settings."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
             if k not in ("command", "cbs", "quiet", "resume", "out")}
@@ -274,6 +283,12 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         raise RunError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
     if epochs < 1:
         raise RunError(f"--epochs must be at least 1, not {epochs}")
+    if mixup > 0 and cutmix > 0:
+        raise RunError("--mixup and --cutmix are alternatives: give one of them, not both")
+    if not 0.0 <= ema < 1.0:
+        raise RunError(f"--ema is a decay in [0, 1) (0 for none, 0.999 is usual), not {ema}")
+    if progressive and not 0 < progressive <= size:
+        raise RunError(f"--progressive is the first epochs' size, in (0, --size={size}] (0 for none), not {progressive}")
     setup_distributed()  # a no-op unless launched by torchrun / accelerate launch
     start = None
     if resume:
@@ -321,7 +336,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         a["lr_picked"] = on_main(start_run)
     lr = float(a.get("lr_picked", a["lr"]))
     logger = RunLogger(run_dir, start)
-    run_cbs = [logger, StopOnNaN()] + list(cbs or [])
+    run_cbs = [logger, StopOnNaN()] + lever_callbacks(a, start) + list(cbs or [])
     if a["schedule"] == "plateau":
         run_cbs.append(Plateau(monitor=a["monitor"], patience=a["patience"], factor=a["factor"],
                                state=start and start["plateau"]))
@@ -363,10 +378,43 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
     seconds = time.perf_counter() - t0
     if (run_dir / "model.pth").exists():  # complete on every rank: distributed_context waits for rank 0
         learn.model.load_state_dict(torch.load(run_dir / "model.pth"))
+    tta_scores = None
+    if a.get("tta"):
+        tta_scores = tta_accuracy(learn)
+        if main:
+            atomic_write_text(run_dir / "tta.json", json.dumps({**tta_scores, "without_tta": logger.best}, indent=2) + "\n")
+            if not quiet:
+                print(f"with TTA: top-1 {tta_scores['accuracy']:.4f} (without: {logger.best:.4f}), top-5 {tta_scores['top5']:.4f}")
     if main:
         write_plots(run_dir, logger)
         learn.export("learner.pkl")
-    return FitResult(learn, run_dir, logger.best, logger.best_epoch, seconds)
+    return FitResult(learn, run_dir, logger.best, logger.best_epoch, seconds,
+                     tta_scores["accuracy"] if tta_scores else None)
+
+
+def lever_callbacks(args: dict, start: dict | None = None) -> list:
+    """The callbacks of the levers `args` turns on (EMA, mixup or cutmix, progressive resizing)."""
+    from fastai.callback.mixup import CutMix, MixUp
+    from .callbacks import EMA, ProgressiveResize, progressive_sizes
+    cbs = []
+    if args.get("ema"):
+        cbs.append(EMA(args["ema"], state=(start or {}).get("ema")))
+    if args.get("mixup"):
+        cbs.append(MixUp(args["mixup"]))
+    if args.get("cutmix"):
+        cbs.append(CutMix(args["cutmix"]))
+    if args.get("progressive"):
+        cbs.append(ProgressiveResize(progressive_sizes(args["size"], args["epochs"], args["progressive"])))
+    return cbs
+
+
+def tta_accuracy(learn: Learner) -> dict:
+    """Top-1 and top-5 of fastai's `tta` on the validation set: the mean of 4 augmented passes (the
+    training split's transforms), blended with the plain pass (beta 0.25)."""
+    from .learner import top5
+    with learn.no_bar(), learn.no_logging():
+        probs, targs = learn.tta(dl=learn.dls.valid)
+    return {"accuracy": float((probs.argmax(1) == targs).float().mean()), "top5": float(top5(probs, targs))}
 
 
 def _cleanup(learn: Learner) -> None:

@@ -1,0 +1,115 @@
+"""Two training levers fastai has no callback for, in its callback idiom: an EMA of the weights, and
+progressive resizing. (Mixup and CutMix are fastai's own `MixUp` and `CutMix`; test-time augmentation is
+fastai's `Learner.tta`.)
+
+`EMA` keeps an exponential moving average of the weights and BatchNorm buffers in a
+`torch.optim.swa_utils.AveragedModel` and validates *it*, not the raw weights: the metrics of an EMA run are
+the EMA model's, and the run's model.pth holds the EMA weights (`RunLogger` asks `EMA.averaged_state`).
+
+`ProgressiveResize` trains the first epochs on smaller images (fastai's progressive resizing, as in the
+fast.ai DAWNBench runs), by resizing each training batch on the device: the augmentation still runs once,
+at full size, and validation always sees the full size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from fastai.callback.core import Callback
+from torch.optim.swa_utils import AveragedModel
+
+from .distributed import unwrap_model
+
+
+def ema_avg_fn(decay: float):
+    """`AveragedModel`'s averaging rule for an EMA: `avg += (1 - d) * (new - avg)`, with timm's warm-up
+    `d = min(decay, (1 + n) / (10 + n))` so that the first updates do not drag the average towards the random
+    init; integer buffers (BatchNorm's `num_batches_tracked`) are copied."""
+    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point():
+            return current
+        n = float(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        return averaged + (current.to(averaged.dtype) - averaged) * (1 - d)
+    return avg
+
+
+class EMA(Callback):
+    """An EMA of the weights, updated after every optimizer step and swapped in for validation."""
+    order = 66  # after the schedulers (60) and before RunLogger (70), which saves `averaged_state()`
+
+    def __init__(self, decay: float = 0.999, state: dict | None = None):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
+        self.decay, self.state, self.averaged, self._raw = decay, state, None, None
+
+    def before_fit(self):
+        model = unwrap_model(self.learn.model)
+        self.averaged = AveragedModel(model, avg_fn=ema_avg_fn(self.decay), use_buffers=True)
+        if self.state is not None:  # a resumed run: the average as it was at the checkpoint
+            self.averaged.load_state_dict(self.state)
+
+    def after_step(self):
+        self.averaged.update_parameters(unwrap_model(self.learn.model))
+
+    def before_validate(self):
+        model = unwrap_model(self.learn.model)
+        self._raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.averaged_state())
+
+    def after_validate(self):
+        self._restore()
+
+    def after_cancel_validate(self):
+        self._restore()
+
+    def _restore(self):
+        if self._raw is not None:
+            unwrap_model(self.learn.model).load_state_dict(self._raw)
+            self._raw = None
+
+    def averaged_state(self) -> dict:
+        """The EMA weights, keyed as the model's own `state_dict` (what model.pth holds)."""
+        return self.averaged.module.state_dict()
+
+    def checkpoint_state(self) -> dict:
+        """The averaged model with its update count, for a resume."""
+        return self.averaged.state_dict()
+
+
+def progressive_sizes(size: int, epochs: int, start: int, until: float = 0.5, step: int = 8) -> list[int]:
+    """The training size of each epoch: from `start` at epoch 1, growing linearly in multiples of `step`, to
+    `size` from epoch `ceil(until * epochs) + 1` on, so that the last epochs (and the BatchNorm statistics
+    they leave) are at the size the model is validated at."""
+    if not 0 < start <= size:
+        raise ValueError(f"progressive resizing needs 0 < start <= size, got start={start}, size={size}")
+    if not 0.0 < until <= 1.0:
+        raise ValueError(f"progressive resizing `until` must be in (0, 1], got {until}")
+    ramp = min(epochs, math.ceil(until * epochs))
+    sizes = []
+    for epoch in range(epochs):
+        if epoch >= ramp:
+            sizes.append(size)
+            continue
+        s = start + (size - start) * epoch / ramp
+        sizes.append(int(min(size, max(start, step * round(s / step)))))
+    return sizes
+
+
+class ProgressiveResize(Callback):
+    """Resizes each training batch to `sizes[epoch]` (bilinear, antialiased): the plan from
+    `progressive_sizes`. Validation batches pass untouched."""
+    order = 5  # before FastDevice (10) sets channels_last on the batch, and before MixUp/CutMix
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = list(sizes)
+
+    def before_batch(self):
+        if not self.training:
+            return
+        s = self.sizes[min(self.epoch, len(self.sizes) - 1)]
+        x = self.xb[0]
+        if x.ndim == 4 and x.shape[-1] != s:
+            resized = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
+            self.learn.xb = (resized.as_subclass(type(x)),) + tuple(self.xb[1:])
