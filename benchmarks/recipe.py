@@ -35,6 +35,8 @@ VARIANTS = {
     "mixup-0.4": ({}, {}, None, {"mixup": 0.4}),
     "cutmix-1.0": ({}, {}, None, {"cutmix": 1.0}),
     "progressive-half": ({}, {}, None, {"progressive": "half"}),  # from size/2 over the first half of the epochs
+    "one-cycle-pct-0.5": ({}, {}, None, {"one_cycle": {"pct_start": 0.5}}),  # warm-up over half the run, not 1/4
+    "one-cycle-div-final-1e4": ({}, {}, None, {"one_cycle": {"div_final": 1e4}}),  # torch's final LR, lr/1e4
 }
 TRAINERS = ("classic", "tinyfast")
 
@@ -63,6 +65,7 @@ def tinyfast_fit(root: Path | str, epochs: int = 8, lr: float | str = 0.1, bs: i
 
     model_kwargs, learner_kwargs, aug, levers = VARIANTS[variant]
     levers = {k: (size // 2 if v == "half" else v) for k, v in levers.items()}
+    one_cycle = levers.pop("one_cycle", {})
     set_seed(seed)
     dls = tiny_imagenet_dls(root, bs=bs, size=size, aug=_augmentation(aug, size), classes=classes,
                             train_per_class=train_per_class)
@@ -82,7 +85,7 @@ def tinyfast_fit(root: Path | str, epochs: int = 8, lr: float | str = 0.1, bs: i
     times = []
     with learn.no_bar(), learn.no_logging():
         lever_cbs = lever_callbacks({**levers, "size": size, "epochs": epochs})
-        learn.fit_one_cycle(epochs, float(lr), cbs=[TrainClock()] + lever_cbs)
+        learn.fit_one_cycle(epochs, float(lr), cbs=[TrainClock()] + lever_cbs, **one_cycle)
         names = learn.recorder.metric_names[1:-1]  # values hold train_loss, valid_loss, the metrics
         rows = [{"epoch": i + 1, "train_loss": float(v[names.index("train_loss")]),
                  "accuracy": float(v[names.index("accuracy")]), "seconds": round(float(t), 2)}

@@ -91,7 +91,7 @@ def test_sweep_refuses_bad_requests(tiny_root, tmp_path):
         recipe.sweep([tiny_root], trainers=("keras",), results=tmp_path / "r.jsonl")
 
 
-@pytest.mark.parametrize("variant", ["ema-0.99", "progressive-half"])
+@pytest.mark.parametrize("variant", ["ema-0.99", "progressive-half", "one-cycle-pct-0.5"])
 def test_lever_variants_run_through_fits_callbacks(tiny_root, tmp_path, variant):
     """A lever variant trains with the callbacks `fit` would add; the EMA's final top-1 is the average's, as
     fastai counted it; every tinyfast row also has its TTA top-1."""

@@ -381,11 +381,10 @@ def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start
     suggested, suggestions, reason = _suggest(mode, lrs, losses, num_it, start_lr, end_lr, warnings)
     if mode == "smith":
         reason += f"; held-out loss on {n_held} validation batches"
-        for end, n, at, nonfinite in zooms:
-            note = (f"the sweep to {end:.3g} {'went NaN/inf' if nonfinite else 'diverged'} at {at:.3g} after {n} "
-                    f"steps, so it was swept again to {at:.3g}")
-            reason += f"; {note}"
-            warnings.insert(0, note)
+        notes = [f"the sweep to {end:.3g} {'went NaN/inf' if nonfinite else 'diverged'} at {at:.3g} after {n} steps, "
+                 f"so it was swept again to {at:.3g}" for end, n, at, nonfinite in zooms]
+        reason += "".join(f"; {note}" for note in notes)
+        warnings[:0] = notes
     return LRRangeResult(mode=mode, suggested_lr=float(suggested), lrs=lrs, losses=losses, suggestions=suggestions,
                          reason=reason, warnings=warnings, start_lr=start_lr, end_lr=end_lr, num_it=num_it)
 
