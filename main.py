@@ -321,7 +321,7 @@ def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=DATA_H
                      size: int = typer.Option(32, help="input size in pixels"),
                      bs: int = typer.Option(64, help="batch size"),
                      epochs: int = typer.Option(8, help="epochs of one-cycle"),
-                     lr: List[str] = typer.Option(["0.025", "0.05", "0.1", "0.2"], help="peak LRs; repeat; 'auto' (tinyfast only) is fit --lr auto's pick"),
+                     lr: Optional[List[str]] = typer.Option(None, help="peak LRs (default: LRS of benchmarks/recipe.py, 0.0125 to 0.1); repeat; 'auto' (tinyfast only) is fit --lr auto's pick"),
                      seed: List[int] = typer.Option([0, 1], help="seeds; repeat the flag for several"),
                      trainer: List[str] = typer.Option(["classic", "tinyfast"], help="classic, tinyfast; repeat"),
                      variant: str = typer.Option("defaults", help="tinyfast with one recipe choice changed (benchmarks/recipe.py VARIANTS: previous, kaiming-init, no-label-smoothing, ...)"),
@@ -332,7 +332,7 @@ def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=DATA_H
     subset = dict(classes=classes or None, train_per_class=train_per_class or None)
     if against == "plain":
         from tinyfast.bench import bench_recipe, format_bench_recipe
-        rows = run_safely(bench_recipe, data=(data or [None])[0], size=size, bs=bs, epochs=epochs, lr=_float(lr[0], "--lr"),
+        rows = run_safely(bench_recipe, data=(data or [None])[0], size=size, bs=bs, epochs=epochs, lr=_float((lr or ["0.025"])[0], "--lr"),
                           seeds=tuple(seed), precisions=tuple(precision), plain=plain, **subset)
         typer.echo(format_bench_recipe(rows))
         return
@@ -341,7 +341,8 @@ def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=DATA_H
     from benchmarks.recipe import format_results, sweep
     from tinyfast.dataset import resolve_dataset
     roots = [run_safely(resolve_dataset, d) for d in (data or [None])]
-    lrs = tuple(x if x == "auto" else _float(x, "--lr") for x in lr)
+    from benchmarks.recipe import LRS
+    lrs = tuple(x if x == "auto" else _float(x, "--lr") for x in lr) if lr else LRS
     rows = run_safely(sweep, roots, trainers=tuple(trainer), lrs=lrs, seeds=tuple(seed), epochs=epochs, bs=bs,
                       size=size, variant=variant, results=results, **subset)
     typer.echo(format_results(rows))

@@ -125,6 +125,16 @@ def test_default_policy_is_reproducible_from_its_seed():
     assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
 
 
+def test_default_policy_without_cutout_never_fills_a_hole():
+    """`cutout=False` (the no-cutout ablation): pad-crop and flip only, so a constant image stays constant."""
+    from tinyfast.data import Cutout
+    assert any(isinstance(t, Cutout) for t in default_augmentation(32).transforms)
+    aug = default_augmentation(32, cutout=False)
+    assert not any(isinstance(t, Cutout) for t in aug.transforms)
+    flat = np.full((32, 32, 3), 7, dtype=np.uint8)
+    assert all(np.array_equal(aug(image=flat)["image"], flat) for _ in range(20))
+
+
 def test_fast_path_equals_fastai_pipeline(dls):
     """The cached batch path must give what fastai's own per-item pipeline gives (valid: no randomness)."""
     fast = dls.valid.one_batch()

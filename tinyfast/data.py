@@ -89,7 +89,7 @@ class Cutout(alb.ImageOnlyTransform):
         return ("size", "fill")
 
 
-def default_augmentation(size: int = 64) -> alb.Compose:
+def default_augmentation(size: int = 64, cutout: bool = True) -> alb.Compose:
     """Reflect-pad by 1/8 and random-crop back, flip, one cutout hole of 1/4 side filled with the mean colour
     (half the time): the CIFAR-style policy that suits 64 px images, where a random-resized crop throws away
     too much. Pad-crop and cutout are tinyfast's lean Albumentations transforms, the same operations as
@@ -98,8 +98,7 @@ def default_augmentation(size: int = 64) -> alb.Compose:
     return alb.Compose([
         RandomPadCrop(size // 8, cv2.BORDER_REFLECT_101),
         alb.HorizontalFlip(p=0.5),
-        Cutout(size // 4, mean_fill, p=0.5),
-    ])
+    ] + ([Cutout(size // 4, mean_fill, p=0.5)] if cutout else []))
 
 
 class AlbumentationsTransform(RandTransform):
