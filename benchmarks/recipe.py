@@ -19,18 +19,18 @@ from .classic import classic_fit, read_split
 
 # tinyfast with one recipe choice changed: (resnet18 kwargs, tiny_learner kwargs, tiny_imagenet_dls aug, fit's
 # lever arguments). EMA's decay is 0.99 here, for runs of ~250 steps; 0.999 suits the ~12k steps of 30 full epochs.
+DECOUPLED = {"decouple_wd": True, "nesterov": False, "wd_bn_bias": False}  # fastai's SGD, as before 2026-12-02
 VARIANTS = {
     "defaults": ({}, {}, None, {}),
-    "previous": ({"init": "kaiming", "zero_init_residual": True}, {"wd": 5e-4}, None, {}),  # until 2026-12-01
+    "previous": ({"init": "kaiming", "zero_init_residual": True}, {**DECOUPLED, "wd": 5e-4}, None, {}),  # until 12-01
+    "decoupled-wd-5e-4": ({}, {**DECOUPLED, "wd": 5e-4}, None, {}),  # the optimizer until 2026-12-02
+    "decoupled-wd-5e-3": ({}, {**DECOUPLED, "wd": 5e-3}, None, {}),  # ... with 10x its decay: ~ the L2 5e-4
+    "no-nesterov": ({}, {"nesterov": False}, None, {}),
+    "no-wd-bn-bias": ({}, {"wd_bn_bias": False}, None, {}),
     "kaiming-init": ({"init": "kaiming"}, {}, None, {}),
     "zero-init-residual": ({"zero_init_residual": True}, {}, None, {}),
     "no-label-smoothing": ({}, {"label_smoothing": 0.0}, None, {}),
-    "wd-on-bn-bias": ({}, {"wd_bn_bias": True}, None, {}),
     "no-cutout": ({}, {}, "no-cutout", {}),
-    "nesterov": ({}, {"nesterov": True}, None, {}),
-    "wd-5e-4": ({}, {"wd": 5e-4}, None, {}),  # the default until 2026-12-02: decoupled, 10x weaker than classic L2
-    "l2": ({}, {"decouple_wd": False, "wd": 5e-4}, None, {}),  # the classic L2 5e-4 (still off BN and biases)
-    "classic-opt": ({}, {"decouple_wd": False, "wd": 5e-4, "nesterov": True, "wd_bn_bias": True}, None, {}),
     "ema-0.99": ({}, {}, None, {"ema": 0.99}),
     "mixup-0.4": ({}, {}, None, {"mixup": 0.4}),
     "cutmix-1.0": ({}, {}, None, {"cutmix": 1.0}),

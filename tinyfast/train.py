@@ -261,7 +261,7 @@ class FitResult:
 
 
 def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: float | str = 0.1,
-        schedule: str = "one-cycle", wd: float = 5e-3, mom: float = 0.9, label_smoothing: float = 0.1,
+        schedule: str = "one-cycle", wd: float = 5e-4, mom: float = 0.9, label_smoothing: float = 0.1,
         size: int = 64, stem: str = "cifar", out: Path | str | None = None, resume: bool = False, seed: int = 42,
         precision: str = "auto", num_workers: int | None = None, monitor: str = "valid_loss", patience: int = 2,
         factor: float = 5.0, classes: int | None = None, train_per_class: int | None = None, aug: bool = True,
