@@ -60,6 +60,7 @@ def tinyfast_fit(root: Path | str, epochs: int = 8, lr: float | str = 0.1, bs: i
     from tinyfast.learner import tiny_learner
     from tinyfast.model import resnet18
 
+    from tinyfast.callbacks import EMA
     from tinyfast.train import lever_callbacks, tta_accuracy
 
     model_kwargs, learner_kwargs, aug, levers = VARIANTS[variant]
@@ -90,7 +91,7 @@ def tinyfast_fit(root: Path | str, epochs: int = 8, lr: float | str = 0.1, bs: i
                  "accuracy": float(v[names.index("accuracy")]), "seconds": round(float(t), 2)}
                 for i, (v, t) in enumerate(zip(learn.recorder.values, np.cumsum(times)))]
         for cb in lever_cbs:  # what an EMA run validated, and saves, is the average
-            if hasattr(cb, "averaged_state"):
+            if isinstance(cb, EMA):
                 learn.model.load_state_dict(cb.averaged_state())
         probs, _ = learn.get_preds(dl=dls.valid)  # get_preds resets the recorder's values: read them first
         tta = tta_accuracy(learn)["accuracy"]

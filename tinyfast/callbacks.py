@@ -100,7 +100,7 @@ def progressive_sizes(size: int, epochs: int, start: int, until: float = 0.5, st
 class ProgressiveResize(Callback):
     """Resizes each training batch to `sizes[epoch]` (bilinear, antialiased): the plan from
     `progressive_sizes`. Validation batches pass untouched."""
-    order = 5  # before FastDevice (10) sets channels_last on the batch, and before MixUp/CutMix
+    order = 5  # before FastDevice (10) sets channels_last on the batch; after MixUp/CutMix (0), which commute with it
 
     def __init__(self, sizes: list[int]):
         self.sizes = list(sizes)
