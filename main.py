@@ -42,6 +42,45 @@ class Mode(str, Enum):
     smith = "smith"
 
 
+# The allowed range of every numeric flag, checked before any work (`check_ranges`): "[1, inf)" is >= 1, "(0, 1]"
+# is above 0 and at most 1. A command with its own range for a name passes it to `check_ranges`.
+RANGES = {
+    "epochs": "[1, inf)", "bs": "[1, inf)", "size": "[8, inf)", "lr": "(0, inf)", "wd": "[0, inf)",
+    "mom": "[0, 1)", "label_smoothing": "[0, 1)", "patience": "[0, inf)", "factor": "(1, inf)",
+    "seed": "[0, 4294967295]", "num_workers": "[0, inf)", "baseline_workers": "[0, inf)", "classes": "[1, inf)",
+    "train_per_class": "[1, inf)", "lr_iterations": "[2, inf)", "num_it": "[2, inf)", "start_lr": "(0, inf)",
+    "end_lr": "(0, inf)", "ema": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "progressive": "[0, inf)",
+    "top": "[1, inf)", "pairs": "[1, inf)", "n": "[1, inf)", "limit": "[1, inf)", "topk": "[1, inf)",
+    "at": "(0, 1]", "passes": "[1, inf)", "steps": "[1, inf)", "warmup": "[0, inf)",
+}
+
+
+def _in_range(value: float, interval: str) -> bool:
+    low, high = (float(x) for x in interval[1:-1].split(","))
+    return ((low <= value) if interval[0] == "[" else (low < value)) and \
+           ((value <= high) if interval[-1] == "]" else (value < high))
+
+
+def _describe(interval: str) -> str:
+    low, high = interval[1:-1].split(", ")
+    if high == "inf":
+        return f"{'>=' if interval[0] == '[' else '>'} {low}"
+    return f"in {interval}"
+
+
+def check_ranges(values: dict, **own: str) -> None:
+    """Every numeric flag in `values` (a command's locals) inside its range (`RANGES`, or the command's `own`),
+    else one line naming the flag and the range, exit 2. A list flag is checked item by item; text (`--lr auto`,
+    an enum) is checked where it is parsed."""
+    for name, value in values.items():
+        interval = own.get(name, RANGES.get(name))
+        if interval is None or value is None:
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not _in_range(v, interval):
+                fail(f"--{name.replace('_', '-')} must be {_describe(interval)}, not {v}", 2)
+
+
 def fail(message: str, code: int = 1):
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
@@ -78,7 +117,7 @@ def download(dest: Path = typer.Option(Path("data"), help="folder to download an
 
 
 @app.command("fit")
-def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
+def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=DATA_HELP),
             epochs: int = typer.Option(30, help="epochs to train"),
             bs: int = typer.Option(256, help="batch size"),
             lr: str = typer.Option("0.1", help="peak (one-cycle) or starting (plateau) learning rate, or 'auto' to run the LR range test first"),
@@ -107,6 +146,7 @@ def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
             progressive: int = typer.Option(0, help="progressive resizing: the first half of the epochs grows from this size to --size (0: off)"),
             tta: bool = typer.Option(False, help="also score the best model with fastai's test-time augmentation (tta.json)")):
     """Train the ResNet18 and write a run folder (metrics, curves, model, learner.pkl, the exact command)."""
+    check_ranges(locals())
     from tinyfast.train import fit
     lr_value = lr if lr == "auto" else _float(lr, "--lr")
     result = run_safely(fit, data=data, epochs=epochs, bs=bs, lr=lr_value, schedule=schedule.value, wd=wd, mom=mom,
@@ -114,11 +154,18 @@ def fit_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                         precision=precision.value, num_workers=num_workers, monitor=monitor, patience=patience,
                         factor=factor, classes=classes, train_per_class=train_per_class, aug=aug,
                         lr_mode=lr_mode.value, lr_iterations=lr_iterations, ema=ema, mixup=mixup, cutmix=cutmix,
-                        progressive=progressive, tta=tta, command=command_line())
+                        progressive=progressive, tta=tta, command=command_line(), changed=given_flags(ctx))
     from tinyfast.distributed import is_main_process
     if is_main_process():
         typer.echo(f"best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch}, "
                    f"{result.seconds:.0f} s of training; run folder: {result.run_dir}")
+
+
+def given_flags(ctx: typer.Context) -> set[str]:
+    """The parameters set on the command line (not left at their defaults): on --resume, what the user asks to
+    change."""
+    from click.core import ParameterSource
+    return {name for name in ctx.params if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
 
 
 def _float(text: str, flag: str) -> float:
@@ -146,6 +193,7 @@ def find_lr_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                 classes: Optional[int] = typer.Option(None, help="the first N classes only"),
                 train_per_class: Optional[int] = typer.Option(None, help="the first M training images of each class")):
     """Run an LR range test on a fresh model; print and save the suggested learning rate."""
+    check_ranges(locals())
     from tinyfast.lr_range import find_lr
     result = run_safely(find_lr, data=data, bs=bs, mode=mode.value, num_it=num_it, start_lr=start_lr, end_lr=end_lr,
                         out=out, size=size, stem=stem.value, precision=precision.value, classes=classes,
@@ -198,6 +246,7 @@ def interpret(run_dir: Path = typer.Argument(..., help="a run folder written by 
               out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR]"),
               precision: Optional[Precision] = typer.Option(None, help="[default: the run's]")):
     """Top losses, the confusion among the most confused classes, and most_confused.csv, from one prediction pass."""
+    check_ranges(locals())
     from tinyfast.interpret import interpret as interpret_run
     learn = _load(run_dir, data, precision)
     res = run_safely(interpret_run, learn, _out(run_dir, out), top=top, pairs=pairs)
@@ -219,6 +268,7 @@ def gradcam(run_dir: Path = typer.Argument(..., help="a run folder written by fi
             out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR]"),
             precision: Optional[Precision] = typer.Option(None, help="[default: the run's]")):
     """Grad-CAM heat-maps of correct and wrong predictions, and how well they point at the object."""
+    check_ranges(locals())
     from tinyfast.cam import gradcam as gradcam_run
     learn = _load(run_dir, data, precision)
     res = run_safely(gradcam_run, learn, _out(run_dir, out), n=n, methods=method, layer=layer, images=images,
@@ -237,6 +287,7 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder written by fi
             data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
             precision: Optional[Precision] = typer.Option(None, help="[default: the run's]")):
     """Top-k classes (wnid, name, probability) for any images."""
+    check_ranges(locals())
     from tinyfast.predict import predict_images, save_cam_overlays
     learn = _load(run_dir, data, precision)
     for r in run_safely(predict_images, learn, images, topk=topk):
@@ -251,6 +302,7 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="run folders written
             out: Path = typer.Option(Path("compare"), help="folder for compare.png, compare.md, compare.csv"),
             at: float = typer.Option(0.5, help="accuracy threshold for the time-to column")):
     """Runs side by side: curves against epoch and wall time, and a table of what differs and how it ended."""
+    check_ranges(locals())
     from tinyfast.compare import write_comparison
     res = run_safely(write_comparison, run_dirs, out_dir=out, at=at)
     typer.echo(res["md"].read_text())
@@ -266,6 +318,7 @@ def demo(out: Optional[Path] = typer.Option(None, help="run folder [default: run
          precision: Precision = typer.Option(Precision.auto, help="as for fit")):
     """The whole pipeline on a generated dataset (no download, sized for 2 CPU cores): LR range test,
     fit_one_cycle, evaluate, interpret, Grad-CAM with its localisation score, and the report."""
+    check_ranges(locals(), classes="[2, 256]", size="[16, inf)")
     from tinyfast.demo import run_demo
     res = run_safely(run_demo, out=out, data=data, epochs=epochs, size=size, classes=classes,
                      precision=precision.value, command=command_line())
@@ -284,6 +337,7 @@ def bench_data_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                    passes: int = typer.Option(2, help="passes over the data; the last one is timed"),
                    naive: bool = typer.Option(True, help="also time fastai's ordinary per-item loader (no cache), for context")):
     """tinyfast's train loader against a hand-written torch Dataset + DataLoader, same files, same run."""
+    check_ranges(locals())
     from tinyfast.bench import bench_data, format_bench_data
     res = run_safely(bench_data, data=data, bs=bs, size=size, num_workers=num_workers,
                      baseline_workers=baseline_workers, classes=classes, train_per_class=train_per_class, passes=passes,
@@ -305,6 +359,7 @@ def bench_train_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP + "
                     train_per_class: Optional[int] = typer.Option(None, help="with --data: the first M training images of each class"),
                     lr: float = typer.Option(0.01, help="learning rate of both loops")):
     """Training images/s of tinyfast's Learner next to a plain PyTorch fp32 loop (and, on a GPU, the FLOP bound)."""
+    check_ranges(locals())
     from tinyfast.bench import bench_train, format_bench_train
     res = run_safely(bench_train, data=data, size=size, bs=bs, steps=steps, warmup=warmup, precision=precision.value,
                      channels_last=channels_last, stem=stem.value, num_workers=num_workers, classes=classes,
@@ -329,6 +384,7 @@ def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=DATA_H
                      precision: List[str] = typer.Option(["auto", "fp32"], help="--against plain: tinyfast precisions; repeat"),
                      plain: bool = typer.Option(True, help="--against plain: also train the plain loop")):
     """Accuracy on a real subset: tinyfast against the classic recipe (default) or a plain loop of its own recipe."""
+    check_ranges(locals(), classes="[0, inf)", train_per_class="[0, inf)")
     subset = dict(classes=classes or None, train_per_class=train_per_class or None)
     if against == "plain":
         from tinyfast.bench import bench_recipe, format_bench_recipe
@@ -338,11 +394,10 @@ def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=DATA_H
         return
     if against != "classic":
         fail(f"--against must be classic or plain, not {against!r}", 2)
-    from benchmarks.recipe import format_results, sweep
+    from benchmarks.recipe import LRS, format_results, sweep
     from tinyfast.dataset import resolve_dataset
-    roots = [run_safely(resolve_dataset, d) for d in (data or [None])]
-    from benchmarks.recipe import LRS
     lrs = tuple(x if x == "auto" else _float(x, "--lr") for x in lr) if lr else LRS
+    roots = [run_safely(resolve_dataset, d) for d in (data or [None])]
     rows = run_safely(sweep, roots, trainers=tuple(trainer), lrs=lrs, seeds=tuple(seed), epochs=epochs, bs=bs,
                       size=size, variant=variant, results=results, **subset)
     typer.echo(format_results(rows))

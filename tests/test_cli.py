@@ -71,3 +71,52 @@ def test_bad_flags_exit_2(args):
 def test_not_a_run_folder(tmp_path):
     res = runner.invoke(app, ["evaluate", str(tmp_path)])
     assert res.exit_code == 1 and "not a run folder" in res.output
+
+
+# Every numeric flag of every command, just outside its range: one line naming the flag and the range, exit 2,
+# before any work (RUN and IMG need not exist: the ranges are checked first).
+OUT_OF_RANGE = [
+    ("fit", "--epochs", "0", ">= 1"), ("fit", "--bs", "0", ">= 1"), ("fit", "--size", "0", ">= 8"),
+    ("fit", "--lr", "0", "positive"), ("fit", "--wd", "-1", ">= 0"), ("fit", "--mom", "1", "in [0, 1)"),
+    ("fit", "--label-smoothing", "1.5", "in [0, 1)"), ("fit", "--patience", "-1", ">= 0"),
+    ("fit", "--factor", "1", "> 1"), ("fit", "--num-workers", "-2", ">= 0"), ("fit", "--classes", "0", ">= 1"),
+    ("fit", "--train-per-class", "0", ">= 1"), ("fit", "--seed", "-1", "in [0, 4294967295]"),
+    ("fit", "--lr-iterations", "1", ">= 2"), ("fit", "--ema", "1", "in [0, 1)"), ("fit", "--mixup", "-0.4", ">= 0"),
+    ("fit", "--cutmix", "-1", ">= 0"), ("fit", "--progressive", "-8", ">= 0"),
+    ("find-lr", "--bs", "0", ">= 1"), ("find-lr", "--num-it", "1", ">= 2"), ("find-lr", "--start-lr", "0", "> 0"),
+    ("find-lr", "--end-lr", "-1", "> 0"), ("find-lr", "--size", "4", ">= 8"), ("find-lr", "--classes", "0", ">= 1"),
+    ("find-lr", "--train-per-class", "0", ">= 1"),
+    ("interpret RUN", "--top", "0", ">= 1"), ("interpret RUN", "--pairs", "0", ">= 1"),
+    ("gradcam RUN", "--n", "0", ">= 1"), ("gradcam RUN", "--limit", "0", ">= 1"),
+    ("predict RUN IMG", "--topk", "0", ">= 1"), ("compare RUN", "--at", "1.5", "in (0, 1]"),
+    ("demo", "--epochs", "0", ">= 1"), ("demo", "--size", "8", ">= 16"), ("demo", "--classes", "1", "in [2, 256]"),
+    ("bench data", "--bs", "0", ">= 1"), ("bench data", "--passes", "0", ">= 1"),
+    ("bench data", "--num-workers", "-1", ">= 0"), ("bench data", "--baseline-workers", "-1", ">= 0"),
+    ("bench train", "--steps", "0", ">= 1"), ("bench train", "--warmup", "-1", ">= 0"), ("bench train", "--lr", "0", "> 0"),
+    ("bench recipe", "--epochs", "0", ">= 1"), ("bench recipe", "--classes", "-1", ">= 0"),
+    ("bench recipe", "--seed", "-3", "in [0, 4294967295]"), ("bench recipe", "--lr", "-1", "positive"),
+]
+
+
+@pytest.mark.parametrize("cmd, flag, value, allowed", OUT_OF_RANGE, ids=[f"{c} {f}" for c, f, _, _ in OUT_OF_RANGE])
+def test_a_numeric_flag_out_of_range_is_one_line_naming_it(cmd, flag, value, allowed, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # nothing may be written, but if it were, not in the checkout
+    res = runner.invoke(app, cmd.split() + [flag, value])
+    lines = plain(res.output).strip().splitlines()
+    assert res.exit_code == 2, res.output
+    assert len(lines) == 1 and flag in lines[0] and allowed in lines[0] and value in lines[0], res.output
+    assert not list(tmp_path.iterdir())
+
+
+def test_every_numeric_flag_has_a_range():
+    """A new numeric flag without an entry in RANGES would be unchecked: the table must grow with the CLI."""
+    import typing
+    from main import RANGES, bench_app
+
+    def numeric(hint) -> bool:
+        return hint in (int, float) or any(numeric(h) for h in typing.get_args(hint))
+
+    commands = [c.callback for c in app.registered_commands + bench_app.registered_commands]
+    found = {name for fn in commands for name, hint in typing.get_type_hints(fn).items() if numeric(hint)}
+    assert {"bs", "epochs", "at", "topk", "passes"} <= found
+    assert found <= set(RANGES), sorted(found - set(RANGES))

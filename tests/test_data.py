@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tinyfast.data import (AlbumentationsTransform, CachedBatchDL, Cutout, DecodedImages, RandomPadCrop,
+from tinyfast.data import (TINY_MEAN, TINY_STD, AlbumentationsTransform, CachedBatchDL, Cutout, DecodedImages, RandomPadCrop,
                            default_augmentation, load_rgb, tiny_imagenet_dls)
 from tinyfast.dataset import DatasetError, read_val_annotations, read_wnids
 
@@ -173,6 +173,47 @@ def test_corrupt_jpeg_is_reported_by_path(tiny_root, tmp_path):
     with pytest.raises(DatasetError, match=bad.name):
         tiny_imagenet_dls(root, bs=8, size=32, device="cpu")
     assert not list((root / ".tinyfast-cache").glob("*.npy"))  # no half-written cache
+
+
+def _copy(tiny_root, tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    shutil.copytree(tiny_root, root, ignore=shutil.ignore_patterns(".tinyfast-cache"))
+    return root
+
+
+def test_an_image_replaced_after_the_first_run_is_decoded_again(tiny_root, tmp_path, capsys):
+    root = _copy(tiny_root, tmp_path)
+    dls = tiny_imagenet_dls(root, bs=8, size=32, device="cpu")
+    target = Path(dls.valid_ds.items[0])
+    first = dls.valid_ds[0][0]
+    old_caches = list((root / ".tinyfast-cache").glob("*.npy"))
+    Image.new("RGB", (64, 64), (255, 0, 255)).save(target, format="JPEG", quality=100)
+    dls2 = tiny_imagenet_dls(root, bs=8, size=32, device="cpu")
+    assert "changed on disk" in capsys.readouterr().out
+    served = np.asarray(dls2.valid_ds[0][0])
+    assert not np.array_equal(served, np.asarray(first))
+    assert np.abs(served.astype(int) - [255, 0, 255]).max() <= 3   # the new pixels, not the cached old ones
+    x, _ = next(iter(dls2.valid))  # the fast batch path too, normalised
+    pixels = (x[0].permute(1, 2, 0).numpy() * TINY_STD + TINY_MEAN) * 255
+    assert np.abs(pixels - served).max() < 0.01
+    caches = list((root / ".tinyfast-cache").glob("*.npy"))
+    assert len(caches) == 1 and caches != old_caches  # the stale cache is gone, its successor is there
+
+
+def test_a_jpeg_corrupted_after_the_first_run_is_reported_by_path(tiny_root, tmp_path):
+    root = _copy(tiny_root, tmp_path)
+    tiny_imagenet_dls(root, bs=8, size=32, device="cpu")
+    bad = sorted((root / "train" / read_wnids(root)[1] / "images").iterdir())[2]
+    bad.write_bytes(bad.read_bytes()[:40])  # truncated mid-header
+    with pytest.raises(DatasetError, match=bad.name):
+        tiny_imagenet_dls(root, bs=8, size=32, device="cpu")
+
+
+def test_an_unchanged_dataset_reuses_its_cache_without_decoding(tiny_root, tmp_path, monkeypatch):
+    root = _copy(tiny_root, tmp_path)
+    tiny_imagenet_dls(root, bs=8, size=32, device="cpu")
+    monkeypatch.setattr(DecodedImages, "build", lambda self, n_threads=None: pytest.fail("decoded again"))
+    tiny_imagenet_dls(root, bs=8, size=32, device="cpu")
 
 
 def test_subset_of_classes(tiny_root):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,8 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from tinyfast.train import METRIC_COLUMNS, NonFiniteLoss, RunError, RunInterrupted, atomic_save, fit, load_run
+from tinyfast.train import (METRIC_COLUMNS, NonFiniteLoss, RunError, RunInterrupted, atomic_save, fit, load_run,
+                            new_run_dir, read_metrics)
 
 SMALL = dict(size=16, bs=16, quiet=True)  # runs that only check mechanics
 LEARN = dict(size=32, bs=16, quiet=True)  # runs that must learn
@@ -142,3 +145,93 @@ def test_atomic_save_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(target)["a"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pth"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Faults a user meets: a broken checkpoint, a conflicting resume, a race for one folder, SIGTERM
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cut_run(tiny_root, tmp_path_factory):
+    """A one-cycle run of 3 epochs interrupted in its second: checkpoint after epoch 1."""
+    out = tmp_path_factory.mktemp("cut") / "run"
+    with pytest.raises(RunInterrupted):
+        fit(tiny_root, epochs=3, lr=0.02, out=out, cbs=[InterruptAt(1, 1)], **SMALL)
+    return out
+
+
+def _snapshot(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_truncated_checkpoint_on_resume_is_one_line_and_changes_nothing(cut_run, tmp_path):
+    import shutil
+    run_dir = tmp_path / "run"
+    shutil.copytree(cut_run, run_dir)
+    ck = run_dir / "checkpoint.pth"
+    ck.write_bytes(ck.read_bytes()[: ck.stat().st_size // 2])
+    before = _snapshot(run_dir)
+    with pytest.raises(RunError) as e:
+        fit(out=run_dir, resume=True, quiet=True)
+    message = str(e.value)
+    assert "\n" not in message and "checkpoint.pth" in message and "nothing in" in message
+    assert "model.pth" in message and "metrics.csv (1 epochs)" in message and "new --out" in message
+    assert _snapshot(run_dir) == before
+
+
+def test_resume_refuses_a_flag_that_differs_from_the_saved_run(cut_run):
+    before = _snapshot(cut_run)
+    with pytest.raises(RunError, match=r"--lr 0\.9 \(saved: 0\.02\)") as e:
+        fit(out=cut_run, resume=True, lr=0.9, quiet=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(RunError, match=r"--epochs 5 \(saved: 3\).*one-cycle schedule cannot be stretched"):
+        fit(out=cut_run, resume=True, epochs=5, quiet=True)
+    # a flag given at its default value is still a request (the CLI passes what was on its command line)
+    with pytest.raises(RunError, match=r"--lr 0\.1 \(saved: 0\.02\)"):
+        fit(out=cut_run, resume=True, lr=0.1, changed={"lr"}, quiet=True)
+    assert _snapshot(cut_run) == before
+
+
+def test_resume_extends_a_plateau_run_and_records_it(tiny_root, tmp_path):
+    out = tmp_path / "plateau"
+    with pytest.raises(RunInterrupted):
+        fit(tiny_root, epochs=2, lr=0.02, schedule="plateau", out=out, cbs=[InterruptAt(1, 1)], **SMALL)
+    r = fit(out=out, resume=True, epochs=3, num_workers=0, quiet=True)
+    assert [row["epoch"] for row in read_metrics(out)] == [1, 2, 3] and r.best_epoch in (1, 2, 3)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["args"]["epochs"] == 3
+    assert cfg["resumed"][0]["after_epoch"] == 1 and cfg["resumed"][0]["changed"] == {"epochs": 3, "num_workers": 0}
+
+
+def test_of_runs_racing_for_one_folder_exactly_one_claims_it(tmp_path):
+    import threading
+    target, barrier, won, refused = tmp_path / "race", threading.Barrier(8), [], []
+
+    def start():
+        barrier.wait()
+        try:
+            won.append(new_run_dir(target))
+        except RunError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(refused) == 7
+    assert all("already exists" in m or "claimed by another run" in m for m in refused)
+
+
+class TermAt(Callback):
+    def before_batch(self):
+        if self.training and (self.epoch, self.iter) == (1, 1):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_stops_as_ctrl_c_does(tiny_root, tmp_path):
+    previous = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "term"
+    with pytest.raises(RunInterrupted, match=r"interrupted during epoch 2; checkpoint after epoch 1 .*--resume"):
+        fit(tiny_root, epochs=3, lr=0.02, out=out, cbs=[TermAt()], **SMALL)
+    assert {"interrupted.pth", "curves.png", "schedule.png", "checkpoint.pth"} <= {p.name for p in out.iterdir()}
+    assert signal.getsignal(signal.SIGTERM) is previous

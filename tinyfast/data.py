@@ -140,16 +140,24 @@ def load_rgb(path: Path | str, size: int | None = None) -> np.ndarray:
 class DecodedImages:
     """Every listed image decoded once into a uint8 (N, size, size, 3) `.npy`, memory-mapped.
 
-    The file name carries a digest of the file list and the size, so a different subset or size gets its
-    own cache and a stale one is never read. It is written to a temporary name and renamed when complete:
-    a killed build leaves no half-written cache behind."""
+    The file name carries two digests: one of the file list and the size, so that a different subset or size
+    gets its own cache, and one of every file's size and modification time, so that an image replaced, edited
+    or corrupted on disk after the cache was built makes a new cache (decoded again, a corrupt file reported by
+    its path) instead of serving the old pixels. Checking costs one `stat` a file (measured for the 110,000
+    files in docs/BENCHMARKS.md). A cache made stale that way is deleted when its successor is complete. It is
+    written to a temporary name and renamed when complete: a killed build leaves no half-written cache behind."""
 
     def __init__(self, files: list[Path], size: int, cache_dir: Path | str):
         self.files, self.size = [Path(f) for f in files], size
-        digest = hashlib.sha1(("\n".join(map(str, self.files)) + f"|{size}").encode()).hexdigest()[:16]
-        self.file = Path(cache_dir) / f"images-{size}px-{len(self.files)}-{digest}.npy"
+        listing = hashlib.sha1(("\n".join(map(str, self.files)) + f"|{size}").encode()).hexdigest()[:16]
+        self.prefix = f"images-{size}px-{len(self.files)}-{listing}"
+        self.file = Path(cache_dir) / f"{self.prefix}-{file_stats_digest(self.files)}.npy"
         self._images = None
         self._row_of = None
+
+    def stale_caches(self) -> list[Path]:
+        """Caches of the same files and size built before one of the files changed."""
+        return [p for p in self.file.parent.glob(f"{self.prefix}-*.npy") if p != self.file]
 
     def __getstate__(self):  # pickled with an exported Learner: keep the path, reopen lazily
         return {**self.__dict__, "_images": None, "_row_of": None}
@@ -158,7 +166,13 @@ class DecodedImages:
     def images(self) -> np.ndarray:
         if self._images is None:
             if not self.file.exists():
+                stale = self.stale_caches()
+                if stale:
+                    print(f"images changed on disk (size or modification time) since the cache {stale[0]} was "
+                          f"built: decoding them again")
                 self.build()
+                for old in stale:
+                    old.unlink(missing_ok=True)
             self._images = np.load(self.file, mmap_mode="r")
         return self._images
 
@@ -190,6 +204,19 @@ class DecodedImages:
             os.replace(tmp, self.file)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def file_stats_digest(files: list[Path]) -> str:
+    """A digest of every file's size and modification time (ns): what changes when a file is replaced, edited or
+    truncated, at the cost of one `stat` a file, not a read."""
+    h = hashlib.sha1()
+    for f in files:
+        try:
+            st = os.stat(f)
+        except OSError as e:
+            raise DatasetError(f"cannot read image {f}: {e.strerror}") from None
+        h.update(f"{st.st_size},{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
 
 
 def default_cache_dir(root: Path) -> Path:

@@ -11,14 +11,17 @@ resumed run ends where the uninterrupted one would.
 from __future__ import annotations
 
 import csv
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 import hashlib
+import inspect
 import json
 import os
 import platform
 import random
 import shlex
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,16 +102,21 @@ class StopOnNaN(Callback):
 
 
 class Plateau(ReduceLROnPlateau):
-    """fastai's ReduceLROnPlateau (acting on fastai's own SGD) whose `best` and `wait` survive a resume."""
+    """fastai's ReduceLROnPlateau (acting on fastai's own SGD) whose `best` and `wait` survive a resume, and
+    which skips, as the RunLogger does, the epochs a resume skips (they have no metrics to track)."""
 
-    def __init__(self, *args, state: tuple | None = None, **kwargs):
+    def __init__(self, *args, state: tuple | None = None, start_epoch: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.state = state
+        self.state, self.start_epoch = state, start_epoch
 
     def before_fit(self):
         super().before_fit()
         if self.state is not None:
             self.best, self.wait = self.state
+
+    def after_epoch(self):
+        if self.epoch >= self.start_epoch:
+            super().after_epoch()
 
 
 class RunLogger(Callback):
@@ -234,13 +242,77 @@ def dataset_info(dls) -> dict:
             "n_valid": len(dls.valid_ds), "wnids_sha1": hashlib.sha1("\n".join(vocab).encode()).hexdigest()}
 
 
+CLAIM = ".claimed"  # created with O_EXCL in a new run folder: of two runs started on one --out, one gets it
+
+
 def new_run_dir(out: Path | str | None) -> Path:
-    """`runs/<timestamp>` by default; an existing, non-empty folder is never silently overwritten."""
+    """`runs/<timestamp>` by default; an existing, non-empty folder is never overwritten, and of two runs started
+    at the same moment on one folder exactly one claims it (an exclusive create of `CLAIM`), the other refuses."""
     run_dir = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    taken = RunError(f"{run_dir} already exists and is not empty: choose another --out, or add --resume to continue it")
     if run_dir.exists() and any(run_dir.iterdir()):
-        raise RunError(f"{run_dir} already exists and is not empty: choose another --out, or add --resume to continue it")
+        raise taken
     run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(run_dir / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise RunError(f"{run_dir} was just claimed by another run started at the same moment: choose another "
+                       f"--out") from None
     return run_dir
+
+
+CHECKPOINT_KEYS = ("model", "opt", "epoch", "dl_rng", "py_rng", "np_rng", "torch_rng", "rows", "lrs", "moms", "lr")
+
+
+def read_checkpoint(run_dir: Path) -> dict:
+    """checkpoint.pth, or a one-line RunError saying what is wrong, what is still intact and what to do. Reading
+    changes nothing in the folder."""
+    path = run_dir / "checkpoint.pth"
+    try:
+        start = torch.load(path, weights_only=False, map_location="cpu")
+        missing = [k for k in CHECKPOINT_KEYS if k not in start] if isinstance(start, dict) else ["all"]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+    except Exception as e:
+        intact = []
+        if (run_dir / "model.pth").exists():
+            intact.append("model.pth (the best weights)")
+        try:
+            intact.append(f"metrics.csv ({len(read_metrics(run_dir))} epochs)")
+        except Exception:
+            pass
+        raise RunError(f"cannot resume: {path} is unreadable or incomplete ({e.__class__.__name__}: "
+                       f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); nothing in {run_dir} was changed"
+                       + (f", and {' and '.join(intact)} {'are' if len(intact) > 1 else 'is'} intact"
+                          f" (`python main.py evaluate {run_dir}` works)" if intact else "")
+                       + "; start again with a new --out") from None
+    return start
+
+
+# On --resume, what may differ from the saved run: where the data is and how it is loaded, and the scoring
+# after training. A plateau run may also change its length (it has no schedule to stretch); a one-cycle run may
+# not. Anything else would make the run something other than what its folder says it is: refused.
+RESUME_MAY_CHANGE = ("data", "num_workers", "tta")
+
+
+def resume_changes(saved: dict, requested: dict, done_epochs: int) -> dict:
+    """The requested arguments a resume applies (`RESUME_MAY_CHANGE`, and `epochs` of a plateau run beyond
+    those done); a RunError naming every other one that differs from the saved run, with both values."""
+    apply, refused = {}, []
+    for k, v in requested.items():
+        if k not in saved or v == saved[k]:
+            continue
+        if k in RESUME_MAY_CHANGE or (k == "epochs" and saved["schedule"] == "plateau" and v > done_epochs):
+            apply[k] = v
+        else:
+            refused.append(f"--{k.replace('_', '-')} {v} (saved: {saved[k]})")
+    if refused:
+        why = ("a one-cycle schedule cannot be stretched; " if "epochs" in " ".join(refused) and
+               saved["schedule"] == "one-cycle" else "")
+        raise RunError(f"--resume continues the run as it was saved, but {', '.join(refused)} differ: {why}drop "
+                       f"{'them' if len(refused) > 1 else 'it'}, or start a new run with another --out (a resume may "
+                       f"change only --data, --num-workers, --tta, and --epochs of a plateau run)")
+    return apply
 
 
 def latest_run(runs: Path = Path("runs")) -> Path:
@@ -267,7 +339,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         factor: float = 5.0, classes: int | None = None, train_per_class: int | None = None, aug: bool = True,
         lr_mode: str = "smith", lr_iterations: int = 100, ema: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
         progressive: int = 0, tta: bool = False, command: str | None = None, cbs: list | None = None,
-        quiet: bool = False) -> FitResult:
+        quiet: bool = False, changed: set[str] | None = None) -> FitResult:
     """Train and write a run folder. `lr="auto"` first runs the LR range test `lr_mode` ("smith": linear sweep on
     a held-out loss, the default, as fastai's valley suggests LRs far too low for SGD; or "fastai") for
     `lr_iterations` steps, and uses its suggestion.
@@ -276,9 +348,12 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
     `ema=0.999` validates and saves an EMA of the weights; `mixup=0.4` / `cutmix=1.0` are the Beta alpha of
     fastai's `MixUp` / `CutMix`; `progressive=32` trains the first half of the epochs from 32 px up to `size`;
     `tta=True` also scores the best model with fastai's `tta` (tta.json).
-    `resume=True` continues `out` (or the newest run under runs/) from its checkpoint, with its saved settings."""
+    `resume=True` continues `out` (or the newest run under runs/) from its checkpoint, with its saved settings;
+    an argument that differs from them is applied if `resume_changes` allows it and refused otherwise. Which
+    arguments the caller set: `changed` (the CLI passes the flags on its command line), else those that differ
+    from their defaults."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
-            if k not in ("command", "cbs", "quiet", "resume", "out")}
+            if k not in ("command", "cbs", "quiet", "resume", "out", "changed")}
     if schedule not in SCHEDULES:
         raise RunError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
     if epochs < 1:
@@ -295,9 +370,25 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         run_dir = Path(out) if out is not None else latest_run()
         if not (run_dir / "checkpoint.pth").exists():
             raise RunError(f"{run_dir} has no checkpoint.pth to resume from")
-        saved = json.loads((run_dir / "config.json").read_text())
-        args = {**saved["args"], **({"data": str(data)} if data is not None else {})}
-        start = torch.load(run_dir / "checkpoint.pth", weights_only=False)
+        try:
+            config = json.loads((run_dir / "config.json").read_text())
+            saved = config["args"]
+        except (OSError, ValueError, KeyError) as e:
+            raise RunError(f"cannot resume: {run_dir / 'config.json'} is unreadable ({e.__class__.__name__}); "
+                           f"nothing in {run_dir} was changed") from None
+        start = read_checkpoint(run_dir)
+        defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()}
+        requested = {k: v for k, v in args.items()
+                     if (k in changed if changed is not None else v != defaults[k]) and v is not None}
+        applied = resume_changes(saved, requested, start["epoch"])
+        args = {**saved, **applied}
+        if applied and {k for k in applied if k != "data"}:
+            config["args"] = args
+            config.setdefault("resumed", []).append({"after_epoch": start["epoch"], "changed": applied,
+                                                    "command": command or shlex.join(sys.argv)})
+            on_main(atomic_write_text, run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+            if not quiet and is_main_process():
+                print("resuming with " + ", ".join(f"{k}={v} (saved: {saved.get(k)})" for k, v in applied.items()))
     else:
         run_dir = on_main(new_run_dir, out)  # one folder, named by rank 0
     a = args
@@ -339,7 +430,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
     run_cbs = [logger, StopOnNaN()] + lever_callbacks(a, start) + list(cbs or [])
     if a["schedule"] == "plateau":
         run_cbs.append(Plateau(monitor=a["monitor"], patience=a["patience"], factor=a["factor"],
-                               state=start and start["plateau"]))
+                               state=start and start["plateau"], start_epoch=start["epoch"] if start else 0))
     start_epoch = 0
     if start is not None:
         learn.model.load_state_dict(start["model"])
@@ -357,7 +448,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
     t0 = time.perf_counter()
     try:
         ctx = ContextManagers([learn.no_bar(), learn.no_logging()]) if quiet else nullcontext()
-        with ctx, distributed_context(learn):
+        with ctx, distributed_context(learn), sigterm_as_interrupt():
             if a["schedule"] == "one-cycle":
                 learn.fit_one_cycle(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
             else:
@@ -415,6 +506,24 @@ def tta_accuracy(learn: Learner) -> dict:
     with learn.no_bar(), learn.no_logging():
         probs, targs = learn.tta(dl=learn.dls.valid)
     return {"accuracy": float((probs.argmax(1) == targs).float().mean()), "top5": float(top5(probs, targs))}
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (what a cluster scheduler or `kill` sends) handled as Ctrl-C: the same message, interrupted.pth
+    and plots. Only in the main thread, where Python delivers signals; the previous handler comes back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _cleanup(learn: Learner) -> None:
