@@ -164,7 +164,8 @@ def sweep(data: list[Path | str], trainers: tuple[str, ...] = TRAINERS, lrs: tup
 
 def format_results(rows: list[dict]) -> str:
     """A markdown table: one line per (trainer, variant, data, seed, epochs), top-1 best over epochs at each LR."""
-    lrs = sorted({r["lr"] for r in rows if r["lr"] != "auto"}, key=float) + (["auto"] if any(r["lr"] == "auto" for r in rows) else [])
+    numbers = {r["lr"] for r in rows if not isinstance(r["lr"], str)}
+    lrs = sorted(numbers, key=float) + sorted({r["lr"] for r in rows if isinstance(r["lr"], str)})  # then 'auto', ...
     groups: dict[tuple, dict] = {}
     for r in rows:
         g = groups.setdefault((r["trainer"], r["variant"], Path(r["data"]).parent.name or r["data"], r["seed"],
@@ -176,7 +177,7 @@ def format_results(rows: list[dict]) -> str:
         cells = []
         for lr in lrs:
             r = g.get(lr)
-            cells.append("—" if r is None else f"{r['best']:.3f}" + (f" (lr {r['lr_used']:.3g})" if lr == "auto" else ""))
+            cells.append("—" if r is None else f"{r['best']:.3f}" + (f" (lr {r['lr_used']:.3g})" if isinstance(lr, str) else ""))
         best = max(g.values(), key=lambda r: r["best"])
         lines.append(f"| {trainer} | {variant} | {data} | {seed} | {epochs}, {size} | " + " | ".join(cells)
                      + f" | {best['best']:.3f} at {best['lr_used']:.3g} |")

@@ -147,7 +147,7 @@ def test_smith_mode_linear_curve_on_held_out_loss(smith_result):
     assert len(set(r.losses)) > len(r.losses) // 2   # the fixed batches' loss moved as the weights did
     assert set(r.suggestions) == {"smith", "min_loss", "max_converging"}
     assert_sane(r)
-    assert r.suggestions["min_loss"] <= r.suggestions["max_converging"] == 2 * r.suggestions["smith"]
+    assert r.suggestions["min_loss"] <= r.suggestions["max_converging"] == r.suggestions["smith"]
     assert r.start_lr < r.suggested_lr <= r.end_lr and "held-out" in r.reason
 
 
@@ -262,10 +262,22 @@ def test_smith_rule_on_known_curves():
     noisy = y + np.random.default_rng(0).normal(0, 0.01, len(y))
     lr, points, why = smith_rule(lrs.tolist(), noisy.tolist())
     assert 0.45 <= points["max_converging"] <= 0.55 and points["min_loss"] <= points["max_converging"]
-    assert lr == points["max_converging"] / 2 and "converging" in why
+    assert lr == points["max_converging"] and "converging" in why
     # still falling at the end: the largest converging LR is the last one, however noisy the curve
     _, points, _ = smith_rule(lrs.tolist(), (2.0 - lrs + np.random.default_rng(1).normal(0, 0.01, len(lrs))).tolist())
     assert points["max_converging"] >= 0.95
+
+
+def test_smith_rule_takes_the_first_climb_not_the_climb_after_a_later_minimum():
+    """A fresh model on real data: flat near ln(10), a cliff at ~0.02, then, carried on at higher LRs, a recovery
+    below where it started (a model that survived divergence). The largest converging LR is before the cliff."""
+    lrs = np.linspace(0.001, 0.07, 100)
+    y = np.full_like(lrs, 2.30)
+    y[(lrs > 0.018) & (lrs < 0.045)] = 4.5                    # the cliff
+    y[lrs >= 0.045] = np.linspace(2.4, 2.0, int((lrs >= 0.045).sum()))  # the recovery, below the start
+    noisy = y + np.random.default_rng(0).normal(0, 0.01, len(y))
+    lr, points, _ = smith_rule(lrs.tolist(), noisy.tolist())
+    assert 0.013 <= lr <= 0.018 and points["min_loss"] <= lr
 
 
 def test_bad_arguments(dls):

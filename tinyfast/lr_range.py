@@ -10,8 +10,8 @@ Two tests, both a short mock training whose LR grows every step:
   the loss on a *fixed* set of held-out batches, in eval mode, without gradients. The same images at every
   step make a curve far less noisy than the training loss of ever-changing batches, and the loss it measures
   is the one the schedule should improve. It is `SmithLRFinder`, a callback in the idiom of fastai's `LRFinder`.
-  Its suggestion (`smith_rule`) is half the largest LR that converges: the last LR before the smoothed held-out
-  loss climbs out of its bottom (10% of its descent above its minimum), halved by Smith's factor-of-two rule.
+  Its suggestion (`smith_rule`) is the largest LR that converges, the peak Smith gives a 1cycle: the last LR
+  before the smoothed held-out loss first climbs out of its bottom (10% of its descent above its running minimum).
 
 A fresh model diverges early in a sweep that has no warm-up: with PyTorch's init, a 10-class subset's held-out
 loss stays near ln(10) up to lr ~0.03 and explodes by ~0.04, the 4th step of a sweep to 1.0. A sweep that
@@ -67,7 +67,6 @@ MIN_RELIABLE_POINTS = 20   # below this many points on the curve, no rule is tru
 DIVERGENCE_FACTOR = 4.0    # stop a sweep once its loss is 4x the best so far (fastai's `stop_div`)
 SMITH_RISE = 0.10          # Smith rule: the curve "rises" once it is 10% of its descent above its minimum
 SMITH_FLOOR = 0.05         # ... or 5% of the minimum loss, whichever is more: on a flat curve, noise is no rise
-SMITH_FACTOR = 2.0         # ... and the optimum is within a factor of two of the largest converging LR
 MAX_ZOOMS = 4              # a Smith sweep that diverges within its first quarter is rerun up to where it did
 FASTAI_ORDER = ("valley", "minimum", "slide", "steep")   # preference when the one before is unusable
 FASTAI_RULES = {"valley": (valley, 1), "minimum": (minimum, 1), "slide": (slide, 16), "steep": (steep, 2)}
@@ -271,31 +270,37 @@ def smooth(losses: list[float] | np.ndarray, window: int | None = None) -> np.nd
 
 
 def smith_rule(lrs: list[float], losses: list[float]) -> tuple[float, dict[str, float], str]:
-    """Half the largest LR that still trains as well as the best one, read off the held-out loss.
+    """The largest LR that converges, read off the held-out loss: where the curve first climbs out of its bottom.
 
     Smith (2017, section 3.3) reads the range test for "the largest LR that converges", where the held-out
-    loss stops falling and starts to rise, and adds the rule of thumb that the optimum LR is usually within a
-    factor of two of it. The rule makes the reading exact and noise-proof: smooth the curve (`smooth`,
-    centred, so the rise stays at the LR where it happened), find its minimum, call the bottom everything
-    within `SMITH_RISE` (10%) of the curve's descent (first value minus minimum) above that minimum, or within
-    `SMITH_FLOOR` (5%) of the minimum itself where the curve barely descends (a fresh model, whose held-out loss
-    stays near ln(classes) until it diverges: there a 10% band would be noise-thin), and take
-    as the largest converging LR the last LR before the smoothed curve, after its minimum, climbs out of the
-    bottom (on a sharp minimum, the argmin; on a flat bottom, its right end instead of wherever the noise put
-    the argmin). The suggestion is half of that: a 1cycle schedule holds its peak for many steps, and the edge
-    of the cliff, probed for one step by the test, is where one unlucky batch diverges. If the curve never
-    climbs out, the largest converging LR is the last one swept (the caller warns: sweep further).
+    loss stops falling and starts to rise. The 1cycle takes that LR as its maximum (Smith 2018, "A disciplined
+    approach"; fastai's one-cycle documentation): its warm-up and anneal hold it there only briefly, and the
+    factor of two of 2017, kept here until 2026-12-02, was for a constant LR. The
+    rule makes the reading exact and noise-proof: smooth the curve (`smooth`, centred, so the rise stays at the
+    LR where it happened), and walk it from the start, keeping its running minimum. The bottom is everything
+    within `SMITH_RISE` (10%) of the descent so far (first value minus running minimum) above that minimum, or
+    within `SMITH_FLOOR` (5%) of the minimum itself where the curve has barely descended (a fresh model, whose
+    held-out loss stays near ln(classes) until it diverges: there a 10% band would be noise-thin). The largest
+    converging LR is the last one before the curve first leaves the bottom, and it is the suggestion.
+
+    The *first* climb, not the climb after the global minimum: on real data a fresh model's held-out loss
+    jumps at its first cliff (~0.02 on 10-class subsets at batch 64), then, carried on at higher LRs, falls
+    again below where it was; the later minimum is a model that survived divergence, not an LR to train at.
+    Reading the climb after the global minimum picked ~0.031 there, twice the best LR of the sweep, and 2.8-3.8
+    points below its best; the first climb picks 0.015-0.019 (docs/BENCHMARKS.md). If the curve never leaves
+    its bottom, the largest converging LR is the last one swept (the caller warns: sweep further).
     Returns (suggested LR, named points for the plot, a one-line reason)."""
     y = smooth(losses)
     lrs = np.asarray(lrs, dtype=float)
-    i_min = int(np.argmin(y))
-    band = y[i_min] + max(SMITH_RISE * max(y[0] - y[i_min], 0.0), SMITH_FLOOR * abs(y[i_min]))
-    above = np.nonzero(y[i_min:] > band)[0]
-    i_edge = i_min + int(above[0]) - 1 if len(above) else len(y) - 1
-    lr = float(lrs[i_edge]) / SMITH_FACTOR
-    points = {"min_loss": float(lrs[i_min]), "max_converging": float(lrs[i_edge]), "smith": lr}
-    why = (f"half the largest converging LR {lrs[i_edge]:.3g}, the last before the smoothed held-out loss rises "
-           f"out of the bottom of the curve (minimum at lr {lrs[i_min]:.3g})")
+    low = np.minimum.accumulate(y)
+    band = low + np.maximum(SMITH_RISE * np.maximum(y[0] - low, 0.0), SMITH_FLOOR * np.abs(low))
+    above = np.nonzero(y > band)[0]
+    i_edge = max(int(above[0]) - 1, 0) if len(above) else len(y) - 1
+    i_min = int(np.argmin(y[:i_edge + 1]))
+    lr = float(lrs[i_edge])
+    points = {"min_loss": float(lrs[i_min]), "max_converging": lr, "smith": lr}
+    why = (f"the largest converging LR {lr:.3g}, the last before the smoothed held-out loss first climbs out of "
+           f"the bottom of the curve (lowest so far at lr {lrs[i_min]:.3g})")
     return lr, points, why
 
 
