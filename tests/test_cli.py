@@ -8,7 +8,8 @@ from typer.testing import CliRunner
 
 from main import app
 
-COMMANDS = ["download", "fit", "find-lr", "evaluate", "interpret", "gradcam", "predict", "compare", "demo", "bench"]
+COMMANDS = ["download", "fit", "find-lr", "evaluate", "interpret", "gradcam", "predict", "export", "compare", "demo",
+            "bench"]
 runner = CliRunner()
 
 
@@ -120,3 +121,25 @@ def test_every_numeric_flag_has_a_range():
     found = {name for fn in commands for name, hint in typing.get_type_hints(fn).items() if numeric(hint)}
     assert {"bs", "epochs", "at", "topk", "passes"} <= found
     assert found <= set(RANGES), sorted(found - set(RANGES))
+
+
+def test_the_cli_choices_are_the_packages():
+    """The CLI's enums are spelled out so that `--help` need not import torch; they must match the package."""
+    from tinyfast.learner import PRECISIONS
+    from tinyfast.lr_range import MODES
+    from tinyfast.model import STEMS
+    from tinyfast.train import SCHEDULES, TRACKERS
+    from tinyfast.cli import Mode, Precision, Schedule, Stem, Tracker
+    for enum, values in [(Schedule, SCHEDULES), (Precision, PRECISIONS), (Stem, STEMS), (Mode, MODES),
+                         (Tracker, TRACKERS)]:
+        assert tuple(e.value for e in enum) == tuple(values), enum
+
+
+def test_a_missing_tracker_package_is_one_line_before_any_folder(tmp_path, monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    res = runner.invoke(app, ["fit", "--log", "wandb", "--out", str(tmp_path / "run")])
+    lines = plain(res.output).strip().splitlines()
+    assert res.exit_code == 1 and len(lines) == 1 and "pip install wandb" in lines[0], res.output
+    assert not (tmp_path / "run").exists()

@@ -58,14 +58,24 @@ def test_best_weights_reload(run):
     assert acc == pytest.approx(run.best_accuracy)
 
 
-def test_exported_learner_loads_in_a_fresh_process(run, tiny_root):
+def test_exported_learner_loads_in_a_fresh_process_outside_the_repo(run, tiny_root, tmp_path):
+    """learner.pkl needs tinyfast importable: the installed package (pyproject.toml; requirements.txt installs it
+    editable), not the checkout on sys.path."""
     img = next((tiny_root / "val" / "images").iterdir())
-    code = ("from fastai.learner import load_learner; import sys; "
-            f"l = load_learner(r'{run.run_dir / 'learner.pkl'}'); print(l.predict(r'{img}')[0])")
-    repo = Path(__file__).resolve().parents[1]  # tinyfast importable, as for a user in the checkout
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=repo)
+    code = ("from fastai.learner import load_learner; import sys, tinyfast; "
+            f"l = load_learner(r'{run.run_dir / 'learner.pkl'}'); print(tinyfast.__file__); print(l.predict(r'{img}')[0])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1].startswith("n")
+
+
+def test_the_console_script_is_the_cli(tmp_path):
+    script = Path(sys.executable).parent / "tinyfast"
+    assert script.exists(), "pip install -e . (requirements.txt does) installs the `tinyfast` command"
+    out = subprocess.run([str(script), "fit", "--help"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0 and "--epochs" in out.stdout and "Usage: tinyfast fit" in out.stdout, out.stderr
 
 
 def test_existing_run_folder_is_never_overwritten(run, tiny_root):
@@ -235,3 +245,15 @@ def test_sigterm_stops_as_ctrl_c_does(tiny_root, tmp_path):
         fit(tiny_root, epochs=3, lr=0.02, out=out, cbs=[TermAt()], **SMALL)
     assert {"interrupted.pth", "curves.png", "schedule.png", "checkpoint.pth"} <= {p.name for p in out.iterdir()}
     assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_fit_logs_to_tensorboard(tiny_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    r = fit(tiny_root, epochs=2, lr=0.02, out=tmp_path / "tb", log="tensorboard", **SMALL)
+    events = EventAccumulator(str(r.run_dir / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train_loss", "valid_loss", "accuracy", "top5", "lr_0"} <= tags, tags
+    accuracy = [e.value for e in events.Scalars("accuracy")]
+    assert accuracy == pytest.approx([row["accuracy"] for row in read_metrics(r.run_dir)], abs=1e-6)
+    assert len(events.Scalars("train_loss")) >= 2 * len(r.learn.dls.train)  # one per training step

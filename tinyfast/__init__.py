@@ -2,13 +2,23 @@
 
 The REPL names are the CLI's: `tiny_imagenet_dls` (data), `resnet18` (model), `tiny_learner` (Learner),
 `fit` (a training run with its run folder), `load_run` (a run folder back as a Learner).
-Heavier parts import on use: `tinyfast.lr_range`, `tinyfast.interpret`, `tinyfast.cam`, `tinyfast.compare`.
+They import on first use (PEP 562), so that `tinyfast --help` does not wait for torch and fastai; so do the
+heavier parts: `tinyfast.lr_range`, `tinyfast.interpret`, `tinyfast.cam`, `tinyfast.compare`, `tinyfast.export`.
 """
-from .data import default_augmentation, tiny_imagenet_dls
-from .dataset import DatasetError, download_tiny_imagenet, resolve_dataset
-from .learner import tiny_learner
-from .model import resnet18
-from .train import fit, load_run
+from importlib import import_module
 
-__all__ = ["tiny_imagenet_dls", "default_augmentation", "resnet18", "tiny_learner", "fit", "load_run",
-           "download_tiny_imagenet", "resolve_dataset", "DatasetError"]
+_HOME = {"tiny_imagenet_dls": "data", "default_augmentation": "data", "resnet18": "model",
+         "tiny_learner": "learner", "fit": "train", "load_run": "train", "download_tiny_imagenet": "dataset",
+         "resolve_dataset": "dataset", "DatasetError": "dataset"}
+
+__all__ = list(_HOME)
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        return getattr(import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module 'tinyfast' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -164,13 +164,17 @@ class DecodedImages:
 
     @property
     def images(self) -> np.ndarray:
+        return self.load()
+
+    def load(self, progress: bool = True) -> np.ndarray:
+        """The memory-mapped array, decoded first (with a progress bar, unless not `progress`) if need be."""
         if self._images is None:
             if not self.file.exists():
                 stale = self.stale_caches()
                 if stale:
                     print(f"images changed on disk (size or modification time) since the cache {stale[0]} was "
                           f"built: decoding them again")
-                self.build()
+                self.build(progress=progress)
                 for old in stale:
                     old.unlink(missing_ok=True)
             self._images = np.load(self.file, mmap_mode="r")
@@ -181,7 +185,7 @@ class DecodedImages:
             self._row_of = {str(f): i for i, f in enumerate(self.files)}
         return self._row_of.get(str(path))
 
-    def build(self, n_threads: int | None = None) -> None:
+    def build(self, n_threads: int | None = None, progress: bool = True) -> None:
         """Decode with a few threads (cv2 releases the GIL) straight into the memory-mapped file."""
         self.file.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
@@ -195,9 +199,11 @@ class DecodedImages:
 
         try:
             with ThreadPoolExecutor(n_threads or min(8, os.cpu_count() or 1)) as pool:
-                bar = progress_bar(pool.map(decode, starts), total=len(starts), leave=False)
-                bar.comment = f"decoding {len(self.files)} images once"
-                for _ in bar:
+                done = pool.map(decode, starts)
+                if progress:  # not progress_bar(display=False): its console bar still clears its line at the end
+                    done = progress_bar(done, total=len(starts), leave=False)
+                    done.comment = f"decoding {len(self.files)} images once"
+                for _ in done:
                     pass
             out.flush()
             del out
@@ -363,20 +369,21 @@ def tiny_imagenet_block(root: Path, wnids: list[str], val_wnids: dict[str, str],
 def tiny_imagenet_dls(path: Path | str | None = None, bs: int = 256, size: int = 64, num_workers: int | None = None,
                       aug: alb.BaseCompose | None | bool = None, device: torch.device | str | None = None,
                       classes: int | None = None, train_per_class: int | None = None,
-                      cache_dir: Path | str | None = None) -> DataLoaders:
+                      cache_dir: Path | str | None = None, progress: bool = True) -> DataLoaders:
     """TinyImageNet train/val DataLoaders.
 
     path: a `tiny-imagenet-200` folder or its zip (default `data/tiny-imagenet-200` or $TINYFAST_DATA).
     aug: None for the default policy (`default_augmentation`), False for none, or any Albumentations Compose.
     classes / train_per_class: a real subset (the first N classes, the first M training images of each).
-    The vocab is the wnids in `wnids.txt` order; `dls.names` gives their human names from `words.txt`."""
+    The vocab is the wnids in `wnids.txt` order; `dls.names` gives their human names from `words.txt`.
+    progress: show the bar of the one-off decoding into the cache (`fit(quiet=True)` does not)."""
     from .dataset import read_words
 
     root = resolve_dataset(path)
     device = torch.device(device) if device is not None else default_device()
     wnids, files, val_wnids = tiny_imagenet_files(root, classes, train_per_class)
     decoded = DecodedImages(files, size, cache_dir or default_cache_dir(root))
-    decoded.images  # build now, in the main process, so an unreadable image is reported before training
+    decoded.load(progress)  # build now, in the main process, so an unreadable image is reported before training
     block = tiny_imagenet_block(root, wnids, val_wnids, size, aug, decoded)
     nw = default_num_workers(device) if num_workers is None else num_workers
     dls = block.dataloaders(files, path=root, bs=bs, num_workers=nw, device=device, dl_type=CachedBatchDL)

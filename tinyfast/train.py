@@ -40,8 +40,10 @@ from .data import tiny_imagenet_dls
 from .distributed import (distributed_context, is_main_process, main_process_first, on_main,
                           setup_distributed, unwrap_model, world_size)
 from .learner import FastDevice, tiny_learner
+from .runlog import run_log
 
 SCHEDULES = ("one-cycle", "plateau")
+TRACKERS = ("csv", "tensorboard", "wandb")  # metrics.csv always; `log` adds fastai's tracker callback
 METRIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "top5", "time", "elapsed")
 
 
@@ -338,7 +340,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         precision: str = "auto", num_workers: int | None = None, monitor: str = "valid_loss", patience: int = 2,
         factor: float = 5.0, classes: int | None = None, train_per_class: int | None = None, aug: bool = True,
         lr_mode: str = "smith", lr_iterations: int = 100, ema: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
-        progressive: int = 0, tta: bool = False, command: str | None = None, cbs: list | None = None,
+        progressive: int = 0, tta: bool = False, log: str = "csv", command: str | None = None, cbs: list | None = None,
         quiet: bool = False, changed: set[str] | None = None) -> FitResult:
     """Train and write a run folder. `lr="auto"` first runs the LR range test `lr_mode` ("smith": linear sweep on
     a held-out loss, the default, as fastai's valley suggests LRs far too low for SGD; or "fastai") for
@@ -348,6 +350,8 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
     `ema=0.999` validates and saves an EMA of the weights; `mixup=0.4` / `cutmix=1.0` are the Beta alpha of
     fastai's `MixUp` / `CutMix`; `progressive=32` trains the first half of the epochs from 32 px up to `size`;
     `tta=True` also scores the best model with fastai's `tta` (tta.json).
+    `log="tensorboard"` (or "wandb", offline unless WANDB_MODE says otherwise) adds fastai's tracker callback,
+    writing into the run folder; metrics.csv is always written.
     `resume=True` continues `out` (or the newest run under runs/) from its checkpoint, with its saved settings;
     an argument that differs from them is applied if `resume_changes` allows it and refused otherwise. Which
     arguments the caller set: `changed` (the CLI passes the flags on its command line), else those that differ
@@ -358,14 +362,18 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         raise RunError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
     if epochs < 1:
         raise RunError(f"--epochs must be at least 1, not {epochs}")
+    if log not in TRACKERS:
+        raise RunError(f"--log must be one of {', '.join(TRACKERS)}, not {log!r}")
+    _check_tracker(log)
     if mixup > 0 and cutmix > 0:
         raise RunError("--mixup and --cutmix are alternatives: give one of them, not both")
     if not 0.0 <= ema < 1.0:
         raise RunError(f"--ema is a decay in [0, 1) (0 for none, 0.999 is usual), not {ema}")
     if progressive and not 0 < progressive <= size:
         raise RunError(f"--progressive is the first epochs' size, in (0, --size={size}] (0 for none), not {progressive}")
+    command = command or shlex.join([Path(sys.executable).name] + sys.argv)
     setup_distributed()  # a no-op unless launched by torchrun / accelerate launch
-    start = None
+    start, resumed_with = None, None
     if resume:
         run_dir = Path(out) if out is not None else latest_run()
         if not (run_dir / "checkpoint.pth").exists():
@@ -385,102 +393,139 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         if applied and {k for k in applied if k != "data"}:
             config["args"] = args
             config.setdefault("resumed", []).append({"after_epoch": start["epoch"], "changed": applied,
-                                                    "command": command or shlex.join(sys.argv)})
+                                                    "command": command})
             on_main(atomic_write_text, run_dir / "config.json", json.dumps(config, indent=2) + "\n")
-            if not quiet and is_main_process():
-                print("resuming with " + ", ".join(f"{k}={v} (saved: {saved.get(k)})" for k, v in applied.items()))
+            resumed_with = "resuming with " + ", ".join(f"{k}={v} (saved: {saved.get(k)})" for k, v in applied.items())
     else:
         run_dir = on_main(new_run_dir, out)  # one folder, named by rank 0
-    a = args
-    set_seed(a["seed"])
-    with main_process_first():  # rank 0 decodes the image cache, the others reuse it
-        dls = tiny_imagenet_dls(a["data"], bs=a["bs"], size=a["size"], num_workers=a["num_workers"],
-                                aug=None if a["aug"] else False, classes=a["classes"],
-                                train_per_class=a["train_per_class"])
-    learn = tiny_learner(dls, stem=a["stem"], wd=a["wd"], mom=a["mom"], label_smoothing=a["label_smoothing"],
-                         precision=a["precision"])
-    learn.path, learn.model_dir = run_dir, "."
-    main, processes = is_main_process(), world_size()
+    with run_log(run_dir, header=command) if is_main_process() else nullcontext():  # rank 0 writes log.txt
+        if resumed_with and not quiet:
+            print(resumed_with)
+        a = args
+        set_seed(a["seed"])
+        with main_process_first():  # rank 0 decodes the image cache, the others reuse it
+            dls = tiny_imagenet_dls(a["data"], bs=a["bs"], size=a["size"], num_workers=a["num_workers"],
+                                    aug=None if a["aug"] else False, classes=a["classes"],
+                                    train_per_class=a["train_per_class"], progress=not quiet)
+        learn = tiny_learner(dls, stem=a["stem"], wd=a["wd"], mom=a["mom"], label_smoothing=a["label_smoothing"],
+                             precision=a["precision"])
+        learn.path, learn.model_dir = run_dir, "."
+        main, processes = is_main_process(), world_size()
 
-    def start_run():  # rank 0 alone (on_main): it writes the files; the others take its LR
-        with learn.no_bar():  # summary runs one batch through get_preds, which would draw an "Epoch 1/1" bar
-            summary = learn.summary()
-        (run_dir / "summary.txt").write_text(summary)
-        if not quiet:
-            print(summary)
-        config = {"command": command or shlex.join([Path(sys.executable).name] + sys.argv), "args": dict(args),
-                  "versions": versions(), "device": str(dls.device), "processes": processes,
-                  "dataset": dataset_info(dls),
-                  "started": datetime.now().isoformat(timespec="seconds")}
-        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
-        if a["lr"] != "auto":
-            return a["lr"]
-        from .lr_range import lr_range_test, write_lr_range
-        result = lr_range_test(learn, mode=a["lr_mode"], num_it=a["lr_iterations"], n_val_batches=2)
-        write_lr_range(result, run_dir)
-        config["args"]["lr_picked"] = result.suggested_lr
-        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
-        print(f"lr auto: {result.suggested_lr:.3g} ({result.reason}); curve in {run_dir / 'lr_find.png'}")
-        return result.suggested_lr
-
-    if start is None:
-        a["lr_picked"] = on_main(start_run)
-    lr = float(a.get("lr_picked", a["lr"]))
-    logger = RunLogger(run_dir, start)
-    run_cbs = [logger, StopOnNaN()] + lever_callbacks(a, start) + list(cbs or [])
-    if a["schedule"] == "plateau":
-        run_cbs.append(Plateau(monitor=a["monitor"], patience=a["patience"], factor=a["factor"],
-                               state=start and start["plateau"], start_epoch=start["epoch"] if start else 0))
-    start_epoch = 0
-    if start is not None:
-        learn.model.load_state_dict(start["model"])
-        learn.create_opt()
-        learn.opt.load_state_dict(start["opt"])
-        start_epoch = start["epoch"]
-        learn.dls.train.rng.setstate(start["dl_rng"])
-        random.setstate(start["py_rng"])
-        np.random.set_state(start["np_rng"])
-        torch.set_rng_state(start["torch_rng"])
-        if a["schedule"] == "plateau":
-            lr = start["lr"]
-        if not quiet and main:
-            print(f"resuming {run_dir} after epoch {start_epoch}/{a['epochs']}")
-    t0 = time.perf_counter()
-    try:
-        ctx = ContextManagers([learn.no_bar(), learn.no_logging()]) if quiet else nullcontext()
-        with ctx, distributed_context(learn), sigterm_as_interrupt():
-            if a["schedule"] == "one-cycle":
-                learn.fit_one_cycle(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
-            else:
-                learn.fit(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
-    except KeyboardInterrupt:
-        _cleanup(learn)
-        if main:
-            atomic_save(unwrap_model(learn.model).state_dict(), run_dir / "interrupted.pth")
-            write_plots(run_dir, logger)
-        done = logger.rows[-1]["epoch"] if logger.rows else 0
-        raise RunInterrupted(f"interrupted during epoch {done + 1}; checkpoint after epoch {done} is in {run_dir}: "
-                             f"continue with `python main.py fit --out {run_dir} --resume`") from None
-    except NonFiniteLoss:
-        _cleanup(learn)
-        if main:
-            write_plots(run_dir, logger)
-        raise
-    seconds = time.perf_counter() - t0
-    if (run_dir / "model.pth").exists():  # complete on every rank: distributed_context waits for rank 0
-        learn.model.load_state_dict(torch.load(run_dir / "model.pth"))
-    tta_scores = None
-    if a.get("tta"):
-        tta_scores = tta_accuracy(learn)
-        if main:
-            atomic_write_text(run_dir / "tta.json", json.dumps({**tta_scores, "without_tta": logger.best}, indent=2) + "\n")
+        def start_run():  # rank 0 alone (on_main): it writes the files; the others take its LR
+            with learn.no_bar():  # summary runs one batch through get_preds, which would draw an "Epoch 1/1" bar
+                summary = learn.summary()
+            (run_dir / "summary.txt").write_text(summary)
             if not quiet:
-                print(f"with TTA: top-1 {tta_scores['accuracy']:.4f} (without: {logger.best:.4f}), top-5 {tta_scores['top5']:.4f}")
-    if main:
-        write_plots(run_dir, logger)
-        learn.export("learner.pkl")
-    return FitResult(learn, run_dir, logger.best, logger.best_epoch, seconds,
-                     tta_scores["accuracy"] if tta_scores else None)
+                print(summary)
+            config = {"command": command, "args": dict(args),
+                      "versions": versions(), "device": str(dls.device), "processes": processes,
+                      "dataset": dataset_info(dls),
+                      "started": datetime.now().isoformat(timespec="seconds")}
+            atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+            if a["lr"] != "auto":
+                return a["lr"]
+            from .lr_range import lr_range_test, write_lr_range
+            result = lr_range_test(learn, mode=a["lr_mode"], num_it=a["lr_iterations"], n_val_batches=2)
+            write_lr_range(result, run_dir)
+            config["args"]["lr_picked"] = result.suggested_lr
+            atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+            print(f"lr auto: {result.suggested_lr:.3g} ({result.reason}); curve in {run_dir / 'lr_find.png'}")
+            return result.suggested_lr
+
+        if start is None:
+            a["lr_picked"] = on_main(start_run)
+        lr = float(a.get("lr_picked", a["lr"]))
+        logger = RunLogger(run_dir, start)
+        run_cbs = [logger, StopOnNaN()] + lever_callbacks(a, start) + tracker_callbacks(a, run_dir, start) + list(cbs or [])
+        if a["schedule"] == "plateau":
+            run_cbs.append(Plateau(monitor=a["monitor"], patience=a["patience"], factor=a["factor"],
+                                   state=start and start["plateau"], start_epoch=start["epoch"] if start else 0))
+        start_epoch = 0
+        if start is not None:
+            learn.model.load_state_dict(start["model"])
+            learn.create_opt()
+            learn.opt.load_state_dict(start["opt"])
+            start_epoch = start["epoch"]
+            learn.dls.train.rng.setstate(start["dl_rng"])
+            random.setstate(start["py_rng"])
+            np.random.set_state(start["np_rng"])
+            torch.set_rng_state(start["torch_rng"])
+            if a["schedule"] == "plateau":
+                lr = start["lr"]
+            if not quiet and main:
+                print(f"resuming {run_dir} after epoch {start_epoch}/{a['epochs']}")
+        t0 = time.perf_counter()
+        try:
+            ctx = ContextManagers([learn.no_bar(), learn.no_logging()]) if quiet else nullcontext()
+            with ctx, distributed_context(learn), sigterm_as_interrupt():
+                if a["schedule"] == "one-cycle":
+                    learn.fit_one_cycle(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
+                else:
+                    learn.fit(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
+        except KeyboardInterrupt:
+            _cleanup(learn)
+            if main:
+                atomic_save(unwrap_model(learn.model).state_dict(), run_dir / "interrupted.pth")
+                write_plots(run_dir, logger)
+            done = logger.rows[-1]["epoch"] if logger.rows else 0
+            raise RunInterrupted(f"interrupted during epoch {done + 1}; checkpoint after epoch {done} is in {run_dir}: "
+                                 f"continue with `python main.py fit --out {run_dir} --resume`") from None
+        except NonFiniteLoss:
+            _cleanup(learn)
+            if main:
+                write_plots(run_dir, logger)
+            raise
+        seconds = time.perf_counter() - t0
+        if (run_dir / "model.pth").exists():  # complete on every rank: distributed_context waits for rank 0
+            learn.model.load_state_dict(torch.load(run_dir / "model.pth"))
+        tta_scores = None
+        if a.get("tta"):
+            tta_scores = tta_accuracy(learn)
+            if main:
+                atomic_write_text(run_dir / "tta.json", json.dumps({**tta_scores, "without_tta": logger.best}, indent=2) + "\n")
+                if not quiet:
+                    print(f"with TTA: top-1 {tta_scores['accuracy']:.4f} (without: {logger.best:.4f}), top-5 {tta_scores['top5']:.4f}")
+        if main:
+            write_plots(run_dir, logger)
+            learn.export("learner.pkl")
+        if a.get("log") == "wandb" and main:
+            import wandb
+            wandb.finish()
+        return FitResult(learn, run_dir, logger.best, logger.best_epoch, seconds,
+                         tta_scores["accuracy"] if tta_scores else None)
+
+
+def _check_tracker(log: str) -> None:
+    """Before any folder is made: a tracker whose package is missing is one line, not an ImportError mid-run."""
+    import importlib.util
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(log)
+    if package and importlib.util.find_spec(package) is None:
+        raise RunError(f"--log {log} needs the {package} package: pip install {package} (metrics.csv is written "
+                       f"without it, with --log csv)")
+
+
+def tracker_callbacks(args: dict, run_dir: Path, start: dict | None = None) -> list:
+    """fastai's TensorBoardCallback or WandbCallback, writing into the run folder (rank 0 only, as fastai's own)."""
+    log, start_epoch = args.get("log", "csv"), (start or {}).get("epoch", 0)
+    if log == "tensorboard":
+        from fastai.callback.tensorboard import TensorBoardCallback
+
+        class TensorBoard(TensorBoardCallback):  # a resume skips epochs that have no metrics to write
+            def after_epoch(self):
+                if self.epoch >= start_epoch:
+                    super().after_epoch()
+
+        # the model graph and the prediction images are left out: tracing runs a batch, images need show_results
+        return [TensorBoard(log_dir=run_dir / "tensorboard", trace_model=False, log_preds=False)]
+    if log == "wandb" and is_main_process():
+        import wandb
+        from fastai.callback.wandb import WandbCallback
+        if wandb.run is None:
+            wandb.init(project="tinyfast", dir=str(run_dir), config=args, mode=os.environ.get("WANDB_MODE", "offline"),
+                       name=run_dir.name)
+        return [WandbCallback(log_preds=False, log_model=False)]
+    return []
 
 
 def lever_callbacks(args: dict, start: dict | None = None) -> list:
