@@ -3,6 +3,8 @@ import pytest
 import torch
 from torch import nn
 
+from fastai.callback.core import Callback
+
 from tinyfast.learner import SGD
 
 
@@ -37,3 +39,39 @@ def test_nesterov_changes_the_step_and_decoupled_wd_differs_from_l2():
     from fastai.optimizer import SGD as fastai_SGD
     fastai = _steps(lambda ps: fastai_SGD(list(ps), lr=0.1, mom=0.9, wd=5e-2))
     assert torch.allclose(plain, fastai, atol=1e-7)
+
+
+def test_compile_trains_as_the_eager_model_does(tiny_root):
+    """`CompileModel` (fit --compile) on a tiny model: the same losses as without it, and learn.export still works."""
+    import pickle
+    from fastai.torch_core import set_seed
+    from torch import nn
+    from tinyfast.data import tiny_imagenet_dls
+    from tinyfast.learner import CompileModel, tiny_learner
+
+    def run(compiled: bool):
+        set_seed(0)
+        dls = tiny_imagenet_dls(tiny_root, bs=16, size=16, device="cpu", aug=False)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(8, dls.c))
+        learn = tiny_learner(dls, model, precision="fp32", cbs=[CompileModel()] if compiled else [])
+        seen = []
+        with learn.no_bar(), learn.no_logging():
+            learn.fit(1, 0.05, cbs=[_Calls(seen)])
+        return learn, seen
+
+    eager, eager_losses = run(False)
+    compiled, compiled_losses = run(True)
+    assert compiled_losses[0][1], "the forward went through torch.compile"
+    assert [l for l, _ in compiled_losses] == pytest.approx([l for l, _ in eager_losses], rel=1e-4, abs=1e-5)
+    assert compiled.model._compiled_call_impl is None  # undone after fit: the Learner pickles
+    pickle.dumps(compiled.model)
+
+
+class _Calls(Callback):
+    def __init__(self, seen):
+        self.seen = seen
+
+    def after_loss(self):
+        if self.training:
+            self.seen.append((float(self.loss.detach()), getattr(self.learn.model, "_compiled_call_impl", None) is not None))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from tinyfast.callbacks import EMA, ema_avg_fn, progressive_sizes
+from tinyfast.callbacks import EMA, ema_decay, progressive_sizes
 from tinyfast.train import RunError, fit, load_run
 
 SMALL = dict(size=16, bs=16, quiet=True)
@@ -31,12 +31,31 @@ class Spy(Callback):
 
 
 def test_ema_average_follows_the_rule():
-    avg = ema_avg_fn(0.9)
-    a, b = torch.zeros(3), torch.ones(3)
-    assert torch.allclose(avg(a, b, torch.tensor(0)), torch.full((3,), 0.9))  # warm-up: d = 1/10
-    assert torch.allclose(avg(a, b, torch.tensor(1000)), torch.full((3,), 0.1))  # d = decay
-    counts = torch.tensor(5)
-    assert avg(counts, torch.tensor(7), torch.tensor(3)) == 7  # integer buffers are copied
+    """First update: a copy; then avg += (1 - d) * (current - avg) with timm's warm-up d = min(decay, (1+n)/(10+n));
+    integer buffers are copied. Checked against that rule written out, tensor by tensor."""
+    from types import SimpleNamespace
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = EMA(0.9)
+    ema.learn = SimpleNamespace(model=model)
+    ema.before_fit()
+    expected = None
+    for n in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 3))  # moves the BatchNorm buffers, num_batches_tracked included
+        ema.after_step()
+        current = {k: v.clone() for k, v in model.state_dict().items()}
+        if expected is None:
+            expected = current
+        else:
+            d = ema_decay(0.9, n)
+            expected = {k: (e + (current[k] - e) * (1 - d)) if e.is_floating_point() else current[k]
+                        for k, e in expected.items()}
+    got = ema.averaged_state()
+    assert all(torch.allclose(got[k].float(), expected[k].float(), atol=1e-6) for k in expected)
+    assert int(got["1.num_batches_tracked"]) == 6 and int(ema.averaged.n_averaged) == 6
+    assert ema_decay(0.9, 0) == pytest.approx(0.1) and ema_decay(0.9, 1000) == 0.9
 
 
 def test_ema_run_validates_and_saves_the_ema_weights(tiny_root, tmp_path):

@@ -36,6 +36,7 @@ def test_fit_learns_and_writes_a_complete_run_folder(run, tiny_root):
     rows = list(csv.DictReader(open(run.run_dir / "metrics.csv")))
     assert tuple(rows[0]) == METRIC_COLUMNS and [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert max(float(r["accuracy"]) for r in rows) == pytest.approx(run.best_accuracy)
+    assert all(0 < float(r["train_seconds"]) < float(r["time"]) for r in rows)  # training only: less than the epoch
     cfg = json.loads((run.run_dir / "config.json").read_text())
     assert cfg["args"]["epochs"] == 6 and cfg["args"]["lr"] == 0.02 and cfg["dataset"]["classes"] == 4
     assert "torch" in cfg["versions"] and cfg["command"]
@@ -257,3 +258,24 @@ def test_fit_logs_to_tensorboard(tiny_root, tmp_path):
     accuracy = [e.value for e in events.Scalars("accuracy")]
     assert accuracy == pytest.approx([row["accuracy"] for row in read_metrics(r.run_dir)], abs=1e-6)
     assert len(events.Scalars("train_loss")) >= 2 * len(r.learn.dls.train)  # one per training step
+
+
+def test_the_nan_guard_does_not_read_the_loss_into_python_every_batch(monkeypatch):
+    """On a GPU, a Python bool of a device tensor makes the host wait for the step: the guard keeps its verdict on
+    the device and reads it every `every` batches and at the end of the training phase."""
+    from types import SimpleNamespace
+    from tinyfast.train import StopOnNaN
+    guard = StopOnNaN(every=100)
+    guard.learn = SimpleNamespace(training=True, epoch=0, opt=SimpleNamespace(hypers=[{"lr": 0.1}]))
+    guard.before_train()
+
+    def no_sync(*args):
+        raise AssertionError("read into Python")
+    for name in ("__bool__", "__int__", "__float__", "item"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    for i, loss in enumerate([1.0, 2.0, math.nan, 3.0, math.inf]):
+        guard.learn.iter, guard.learn.loss = i, torch.tensor(loss)
+        guard.after_loss()
+    monkeypatch.undo()
+    with pytest.raises(NonFiniteLoss, match="epoch 1, batch 3"):  # the first bad one, not the last
+        guard.after_train()

@@ -22,17 +22,10 @@ from torch.optim.swa_utils import AveragedModel
 from .distributed import unwrap_model
 
 
-def ema_avg_fn(decay: float):
-    """`AveragedModel`'s averaging rule for an EMA: `avg += (1 - d) * (new - avg)`, with timm's warm-up
-    `d = min(decay, (1 + n) / (10 + n))` so that the first updates do not drag the average towards the random
-    init; integer buffers (BatchNorm's `num_batches_tracked`) are copied."""
-    def avg(averaged: torch.Tensor, current: torch.Tensor, num_averaged: torch.Tensor) -> torch.Tensor:
-        if not averaged.is_floating_point():
-            return current
-        n = float(num_averaged)
-        d = min(decay, (1 + n) / (10 + n))
-        return averaged + (current.to(averaged.dtype) - averaged) * (1 - d)
-    return avg
+def ema_decay(decay: float, n: int) -> float:
+    """timm's warm-up of the decay, `min(decay, (1 + n) / (10 + n))` after n updates, so that the first updates
+    do not drag the average towards the random init."""
+    return min(decay, (1 + n) / (10 + n))
 
 
 class EMA(Callback):
@@ -46,12 +39,27 @@ class EMA(Callback):
 
     def before_fit(self):
         model = unwrap_model(self.learn.model)
-        self.averaged = AveragedModel(model, avg_fn=ema_avg_fn(self.decay), use_buffers=True)
+        self.averaged = AveragedModel(model, use_buffers=True)
         if self.state is not None:  # a resumed run: the average as it was at the checkpoint
             self.averaged.load_state_dict(self.state)
+        self.n = int(self.averaged.n_averaged)  # counted in Python: reading the tensor each step syncs a GPU
+        pairs = list(zip(self.averaged.module.state_dict().values(), model.state_dict().values()))
+        self._floats = ([a for a, m in pairs if a.is_floating_point()], [m for a, m in pairs if a.is_floating_point()])
+        self._others = [(a, m) for a, m in pairs if not a.is_floating_point()]
 
+    @torch.no_grad()
     def after_step(self):
-        self.averaged.update_parameters(unwrap_model(self.learn.model))
+        """avg += (1 - d) * (current - avg) on every float tensor in one fused `_foreach_lerp_`, integer buffers
+        (BatchNorm's `num_batches_tracked`) copied: no per-tensor kernel, no host sync."""
+        averaged, current = self._floats
+        if self.n == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            torch._foreach_lerp_(averaged, current, 1.0 - ema_decay(self.decay, self.n))
+        for a, m in self._others:
+            a.copy_(m)
+        self.n += 1
+        self.averaged.n_averaged.fill_(self.n)
 
     def before_validate(self):
         model = unwrap_model(self.learn.model)

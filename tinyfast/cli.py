@@ -168,6 +168,7 @@ def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=D
             cutmix: float = typer.Option(0.0, help="fastai's CutMix with this Beta alpha (1.0 is usual; 0: off)"),
             progressive: int = typer.Option(0, help="progressive resizing: the first half of the epochs grows from this size to --size (0: off)"),
             tta: bool = typer.Option(False, help="also score the best model with fastai's test-time augmentation (tta.json)"),
+            compile: bool = typer.Option(False, "--compile", help="torch.compile the model (pays on long GPU runs; the first steps wait for the compiler)"),
             quiet: bool = typer.Option(False, help="no layer summary, no progress bars: only the result line (RUN_DIR/log.txt keeps what is printed)"),
             log: Tracker = typer.Option("csv", help="csv: metrics.csv only; tensorboard: also RUN_DIR/tensorboard/ (fastai's TensorBoardCallback); wandb: also fastai's WandbCallback, offline unless WANDB_MODE is set")):
     """Train the ResNet18 and write a run folder (metrics, curves, model, learner.pkl, the exact command)."""
@@ -180,7 +181,7 @@ def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=D
                         factor=factor, classes=classes, train_per_class=train_per_class, aug=aug,
                         lr_mode=lr_mode.value, lr_iterations=lr_iterations, ema=ema, mixup=mixup, cutmix=cutmix,
                         progressive=progressive, tta=tta, log=log.value, command=command_line(),
-                        changed=given_flags(ctx), quiet=quiet)
+                        compile=compile, changed=given_flags(ctx), quiet=quiet)
     from tinyfast.distributed import is_main_process
     if is_main_process():
         from tinyfast.runlog import run_log

@@ -68,6 +68,8 @@ class FastDevice(Callback):
         return self._dtype_for[device]
 
     def before_fit(self):
+        if self._device().type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN time its algorithms once
         if self.channels_last:  # before fastai's DistributedTrainer (order 11) wraps it: DDP wants equal strides
             self.learn.model.to(memory_format=torch.channels_last)  # on every rank
         if self.dtype() == torch.float16 and not hasattr(self.learn, "mixed_precision"):
@@ -99,6 +101,22 @@ class FastDevice(Callback):
 
     def __getstate__(self):  # an autocast context in flight does not pickle (learn.export)
         return {**self.__dict__, "_ctx": None, "_dtype_for": {}}
+
+
+class CompileModel(Callback):
+    """`torch.compile` of the model, in place (`nn.Module.compile`: same module, same `state_dict` keys, so
+    model.pth and resume are unchanged). Opt-in (`fit --compile`): the first steps wait for the compiler, so it
+    pays on long GPU runs, not on a short CPU one."""
+    order = FastDevice.order + 0.5  # after channels_last, before fastai's DistributedTrainer (11) wraps the model
+
+    def __init__(self, **compile_kwargs):
+        self.compile_kwargs = compile_kwargs
+
+    def before_fit(self):
+        self.learn.model.compile(**self.compile_kwargs)
+
+    def after_fit(self):
+        self.learn.model._compiled_call_impl = None  # a compiled forward does not pickle (`learn.export`)
 
 
 def nesterov_step(p, lr, mom, grad_avg, **kwargs):
