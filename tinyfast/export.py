@@ -54,7 +54,8 @@ def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, path: Path) 
                 torch.jit.save(torch.jit.trace(model, example), str(tmp))
             else:
                 torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False)
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+                                  external_data=False)  # one self-contained file (45 MB, far below protobuf's 2 GB)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
