@@ -219,3 +219,20 @@ def test_an_unchanged_dataset_reuses_its_cache_without_decoding(tiny_root, tmp_p
 def test_subset_of_classes(tiny_root):
     dls = tiny_imagenet_dls(tiny_root, bs=8, size=32, classes=2, train_per_class=10, device="cpu")
     assert dls.c == 2 and len(dls.train_ds) == 20 and len(dls.valid_ds) == 16
+
+
+def test_pinned_batches_are_copied_without_blocking_and_are_the_same(tiny_root, monkeypatch):
+    """On a GPU the loader pins its batches and copies them non-blocking (fastai copies blocking). Here, on the
+    CPU, the same loop with pinning asked for: the copy is non-blocking and the batches are the same."""
+    import tinyfast.data as data
+    plain = tiny_imagenet_dls(tiny_root, bs=8, size=32, device="cpu")
+    assert not plain.train.pin_memory  # no GPU: nothing to pin for
+    expected = [b for b in plain.valid]
+    calls = []
+    real = data.to_device
+    monkeypatch.setattr(data, "to_device", lambda b, device, non_blocking=False: calls.append(non_blocking) or real(b, device))
+    pinned = tiny_imagenet_dls(tiny_root, bs=8, size=32, device="cpu")
+    pinned.valid.pin_memory = True
+    got = [b for b in pinned.valid]
+    assert calls and all(calls)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))

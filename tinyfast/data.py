@@ -25,7 +25,8 @@ import torch
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import FuncSplitter, Normalize, ToTensor
-from fastai.torch_core import TensorCategory, TensorImage, default_device
+from fastai.data.load import _loaders as _fastai_loaders
+from fastai.torch_core import TensorCategory, TensorImage, default_device, to_device
 from fastai.vision.augment import RandTransform, Resize
 from fastai.vision.core import PILImage
 from fastai.vision.data import ImageBlock
@@ -301,6 +302,23 @@ class CachedBatchDL(TfmdDL):
 
     _fast_ok = (Resize, ToTensor, AlbumentationsTransform)
 
+    def __iter__(self):
+        """fastai's `DataLoader.__iter__`, with one change: from pinned memory (`pin_memory`, on by default on a
+        GPU) the batch is copied to the device with `non_blocking=True`, so that the host queues the copy behind
+        the running step instead of waiting for the GPU to finish it (fastai copies blocking)."""
+        self.randomize()
+        self.before_iter()
+        self._DataLoader__idxs = self.get_idxs()  # in the main process, as fastai does
+        for b in _fastai_loaders[self.fake_l.num_workers == 0](self.fake_l):
+            if self.pin_memory and type(b) == list:  # pinning turns tuples into lists
+                b = tuple(b)
+            if self.device is not None:
+                b = to_device(b, self.device, non_blocking=self.pin_memory)
+            yield self.after_batch(b)
+        self.after_iter()
+        if hasattr(self, "it"):
+            del self.it
+
     def before_iter(self):
         super().before_iter()
         self.epoch_seed = self.rng.randint(0, 2**31 - 1)
@@ -386,7 +404,8 @@ def tiny_imagenet_dls(path: Path | str | None = None, bs: int = 256, size: int =
     decoded.load(progress)  # build now, in the main process, so an unreadable image is reported before training
     block = tiny_imagenet_block(root, wnids, val_wnids, size, aug, decoded)
     nw = default_num_workers(device) if num_workers is None else num_workers
-    dls = block.dataloaders(files, path=root, bs=bs, num_workers=nw, device=device, dl_type=CachedBatchDL)
+    dls = block.dataloaders(files, path=root, bs=bs, num_workers=nw, device=device, dl_type=CachedBatchDL,
+                            pin_memory=device.type == "cuda")
     words = read_words(root, wnids)
     dls.names = [words[w] for w in wnids]
     dls.root = root
