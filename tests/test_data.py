@@ -236,3 +236,27 @@ def test_pinned_batches_are_copied_without_blocking_and_are_the_same(tiny_root, 
     got = [b for b in pinned.valid]
     assert calls and all(calls)
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(expected, got))
+
+
+def test_persistent_workers_serve_the_same_epochs_and_stay_alive(tiny_root):
+    """fastai starts its workers again every epoch; tinyfast's persistent ones live on, and are told each epoch's
+    shuffle and augmentation seed through shared memory: the batches are those of fresh workers."""
+    from fastai.torch_core import set_seed
+
+    def epochs(persistent: bool):
+        set_seed(0)
+        dls = tiny_imagenet_dls(tiny_root, bs=8, size=32, device="cpu", num_workers=2)
+        dls.train.fake_l.persistent_workers = persistent
+        seen, pids = [], []
+        for _ in range(3):
+            seen.append([(x.clone(), y.clone()) for x, y in dls.train])
+            workers = getattr(dls.train, "_workers", None)
+            pids.append(sorted(w.pid for w in workers._workers) if workers is not None else None)
+        return seen, pids
+
+    fresh, no_pids = epochs(False)
+    kept, pids = epochs(True)
+    assert no_pids == [None] * 3 and pids[0] == pids[1] == pids[2] and len(pids[0]) == 2  # the same 2 processes
+    for a, b in zip(fresh, kept):
+        assert len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert not torch.equal(fresh[0][0][1], fresh[1][0][1])  # the epochs differ from each other (shuffled)

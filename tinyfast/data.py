@@ -15,6 +15,7 @@ through fastai's ordinary per-item pipeline, which gives the same result, only s
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +27,7 @@ from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import FuncSplitter, Normalize, ToTensor
 from fastai.data.load import _loaders as _fastai_loaders
+from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 from fastai.torch_core import TensorCategory, TensorImage, default_device, to_device
 from fastai.vision.augment import RandTransform, Resize
 from fastai.vision.core import PILImage
@@ -303,13 +305,15 @@ class CachedBatchDL(TfmdDL):
     _fast_ok = (Resize, ToTensor, AlbumentationsTransform)
 
     def __iter__(self):
-        """fastai's `DataLoader.__iter__`, with one change: from pinned memory (`pin_memory`, on by default on a
+        """fastai's `DataLoader.__iter__`, with two changes. From pinned memory (`pin_memory`, on by default on a
         GPU) the batch is copied to the device with `non_blocking=True`, so that the host queues the copy behind
-        the running step instead of waiting for the GPU to finish it (fastai copies blocking)."""
+        the running step instead of waiting for the GPU to finish it (fastai copies blocking). And with
+        `persistent_workers` the worker processes live from epoch to epoch (`_batches`); fastai starts them
+        again every epoch, whatever the flag says."""
         self.randomize()
         self.before_iter()
         self._DataLoader__idxs = self.get_idxs()  # in the main process, as fastai does
-        for b in _fastai_loaders[self.fake_l.num_workers == 0](self.fake_l):
+        for b in self._batches():
             if self.pin_memory and type(b) == list:  # pinning turns tuples into lists
                 b = tuple(b)
             if self.device is not None:
@@ -318,6 +322,34 @@ class CachedBatchDL(TfmdDL):
         self.after_iter()
         if hasattr(self, "it"):
             del self.it
+
+    def _batches(self):
+        """The batches of this epoch: from fastai's own loader iterator, or from persistent workers, which are
+        told the epoch's order and augmentation seed through shared memory (`_epoch_state`): a worker's copy of
+        this DataLoader dates from the epoch it was started in."""
+        workers = self.fake_l.num_workers > 0
+        if not (workers and self.fake_l.persistent_workers and multiprocessing.get_start_method() == "fork"):
+            return _fastai_loaders[not workers](self.fake_l)  # (forked workers share `_epoch_state`'s memory)
+        idxs = torch.as_tensor(list(self._DataLoader__idxs), dtype=torch.int64)
+        state = getattr(self, "_epoch_state", None)
+        if state is None or len(state) != len(idxs) + 1:
+            self._epoch_state = state = torch.zeros(len(idxs) + 1, dtype=torch.int64).share_memory_()
+        state[0], state[1:] = self.epoch_seed, idxs
+        it = getattr(self, "_workers", None)
+        if it is None:
+            self._workers = it = _MultiProcessingDataLoaderIter(self.fake_l)
+        else:
+            it._reset(self.fake_l)  # as torch's DataLoader does for its persistent workers
+        return it
+
+    def sample(self):
+        state = getattr(self, "_epoch_state", None)
+        if state is not None and torch.utils.data.get_worker_info() is not None:  # a persistent worker
+            self._DataLoader__idxs, self.epoch_seed = state[1:].tolist(), int(state[0])
+        return super().sample()
+
+    def __getstate__(self):  # the worker processes stay with this object; pickles (learn.export) go without them
+        return {k: v for k, v in self.__dict__.items() if k != "_workers"}
 
     def before_iter(self):
         super().before_iter()
@@ -405,7 +437,7 @@ def tiny_imagenet_dls(path: Path | str | None = None, bs: int = 256, size: int =
     block = tiny_imagenet_block(root, wnids, val_wnids, size, aug, decoded)
     nw = default_num_workers(device) if num_workers is None else num_workers
     dls = block.dataloaders(files, path=root, bs=bs, num_workers=nw, device=device, dl_type=CachedBatchDL,
-                            pin_memory=device.type == "cuda")
+                            pin_memory=device.type == "cuda", persistent_workers=nw > 0)
     words = read_words(root, wnids)
     dls.names = [words[w] for w in wnids]
     dls.root = root
