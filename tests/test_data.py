@@ -209,6 +209,15 @@ def test_a_jpeg_corrupted_after_the_first_run_is_reported_by_path(tiny_root, tmp
         tiny_imagenet_dls(root, bs=8, size=32, device="cpu")
 
 
+def test_a_cache_named_as_before_the_stats_digest_is_replaced(tiny_root, tmp_path):
+    files = sorted((tiny_root / "val" / "images").iterdir())[:5]
+    d = DecodedImages(files, 32, tmp_path)
+    older = tmp_path / f"{d.prefix}.npy"  # the name of 2026-12-01: listing digest only
+    np.save(older, np.zeros((5, 32, 32, 3), np.uint8))
+    assert d.images.shape == (5, 32, 32, 3) and d.images.any()  # decoded anew, not the old file's zeros
+    assert not older.exists() and d.file.exists()
+
+
 def test_an_unchanged_dataset_reuses_its_cache_without_decoding(tiny_root, tmp_path, monkeypatch):
     root = _copy(tiny_root, tmp_path)
     tiny_imagenet_dls(root, bs=8, size=32, device="cpu")

@@ -159,8 +159,11 @@ class DecodedImages:
         self._row_of = None
 
     def stale_caches(self) -> list[Path]:
-        """Caches of the same files and size built before one of the files changed."""
-        return [p for p in self.file.parent.glob(f"{self.prefix}-*.npy") if p != self.file]
+        """Caches of the same files and size built before one of the files changed, and the one a tinyfast of
+        before 2026-12-02 built (named without the stats digest)."""
+        older = self.file.parent / f"{self.prefix}.npy"
+        return [p for p in self.file.parent.glob(f"{self.prefix}-*.npy") if p != self.file] + \
+            ([older] if older.exists() else [])
 
     def __getstate__(self):  # pickled with an exported Learner: keep the path, reopen lazily
         return {**self.__dict__, "_images": None, "_row_of": None}
