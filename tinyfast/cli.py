@@ -60,6 +60,7 @@ RANGES = {
     "end_lr": "(0, inf)", "ema": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "progressive": "[0, inf)",
     "top": "[1, inf)", "pairs": "[1, inf)", "n": "[1, inf)", "limit": "[1, inf)", "topk": "[1, inf)",
     "at": "(0, 1]", "passes": "[1, inf)", "steps": "[1, inf)", "warmup": "[0, inf)", "batch": "[1, inf)",
+    "lr_val_batches": "[1, inf)", "val_batches": "[1, inf)",
 }
 
 
@@ -163,6 +164,7 @@ def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=D
             aug: bool = typer.Option(True, help="the default Albumentations policy on the training split"),
             lr_mode: Mode = typer.Option(Mode.smith, help="--lr auto: which LR range test picks the LR (fastai's valley suits Adam, not SGD)"),
             lr_iterations: int = typer.Option(100, help="--lr auto: iterations of the LR range test"),
+            lr_val_batches: int = typer.Option(2, help="--lr auto (smith): validation batches measured after each step"),
             ema: float = typer.Option(0.0, help="EMA of the weights with this decay (0.999 is usual; 0: off): validated and saved as model.pth"),
             mixup: float = typer.Option(0.0, help="fastai's MixUp with this Beta alpha (0.4 is usual; 0: off)"),
             cutmix: float = typer.Option(0.0, help="fastai's CutMix with this Beta alpha (1.0 is usual; 0: off)"),
@@ -179,7 +181,8 @@ def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=D
                         label_smoothing=label_smoothing, size=size, stem=stem.value, out=out, resume=resume, seed=seed,
                         precision=precision.value, num_workers=num_workers, monitor=monitor, patience=patience,
                         factor=factor, classes=classes, train_per_class=train_per_class, aug=aug,
-                        lr_mode=lr_mode.value, lr_iterations=lr_iterations, ema=ema, mixup=mixup, cutmix=cutmix,
+                        lr_mode=lr_mode.value, lr_iterations=lr_iterations, lr_val_batches=lr_val_batches,
+                        ema=ema, mixup=mixup, cutmix=cutmix,
                         progressive=progressive, tta=tta, log=log.value, command=command_line(),
                         compile=compile, changed=given_flags(ctx), quiet=quiet)
     from tinyfast.distributed import is_main_process
@@ -211,7 +214,7 @@ def _float(text: str, flag: str) -> float:
 @app.command("find-lr")
 def find_lr_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                 bs: int = typer.Option(256, help="batch size"),
-                mode: Mode = typer.Option(Mode.fastai, help="fastai: exponential sweep on training loss; smith: linear sweep on a fixed held-out loss"),
+                mode: Mode = typer.Option(Mode.smith, help="smith (fit --lr auto's): linear sweep on a fixed held-out loss; fastai: exponential sweep on training loss"),
                 num_it: int = typer.Option(100, help="iterations of the sweep"),
                 start_lr: Optional[float] = typer.Option(None, help="first LR [default: 1e-7 fastai, 1e-3 smith]"),
                 end_lr: Optional[float] = typer.Option(None, help="last LR [default: 10 fastai, 1.0 smith]"),
@@ -220,13 +223,14 @@ def find_lr_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                 stem: Stem = typer.Option(Stem.cifar, help="model stem, as for fit"),
                 precision: Precision = typer.Option(Precision.auto, help="as for fit"),
                 classes: Optional[int] = typer.Option(None, help="the first N classes only"),
-                train_per_class: Optional[int] = typer.Option(None, help="the first M training images of each class")):
+                train_per_class: Optional[int] = typer.Option(None, help="the first M training images of each class"),
+                val_batches: int = typer.Option(2, help="smith: validation batches measured after each step (as fit --lr auto)")):
     """Run an LR range test on a fresh model; print and save the suggested learning rate."""
     check_ranges(locals())
     from tinyfast.lr_range import find_lr
     result = run_safely(find_lr, data=data, bs=bs, mode=mode.value, num_it=num_it, start_lr=start_lr, end_lr=end_lr,
                         out=out, size=size, stem=stem.value, precision=precision.value, classes=classes,
-                        train_per_class=train_per_class)
+                        train_per_class=train_per_class, val_batches=val_batches)
     for w in result.warnings:
         typer.echo(f"warning: {w}", err=True)
     typer.echo(f"suggested lr {result.suggested_lr:.3g} ({result.reason}); plot: {out / 'lr_find.png'}")

@@ -67,6 +67,7 @@ MIN_RELIABLE_POINTS = 20   # below this many points on the curve, no rule is tru
 DIVERGENCE_FACTOR = 4.0    # stop a sweep once its loss is 4x the best so far (fastai's `stop_div`)
 SMITH_RISE = 0.10          # Smith rule: the curve "rises" once it is 10% of its descent above its minimum
 SMITH_FLOOR = 0.05         # ... or 5% of the minimum loss, whichever is more: on a flat curve, noise is no rise
+HELD_OUT_BATCHES = 2       # validation batches Smith's test measures after each step: `fit --lr auto`, `find-lr`
 MAX_ZOOMS = 4              # a Smith sweep that diverges within its first quarter is rerun up to where it did
 FASTAI_ORDER = ("valley", "minimum", "slide", "steep")   # preference when the one before is unusable
 FASTAI_RULES = {"valley": (valley, 1), "minimum": (minimum, 1), "slide": (slide, 16), "steep": (steep, 2)}
@@ -351,7 +352,7 @@ def _check_args(learn: Learner, num_it: int, start_lr: float, end_lr: float, n_v
 
 
 def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start_lr: float | None = None,
-                  end_lr: float | None = None, n_val_batches: int = 4) -> LRRangeResult:
+                  end_lr: float | None = None, n_val_batches: int = HELD_OUT_BATCHES) -> LRRangeResult:
     """Run the range test `mode` on `learn` and suggest the peak LR for `fit_one_cycle`; `learn` (model,
     optimizer, Recorder history) is left as it was. Defaults: 1e-7 to 10 for fastai, 1e-3 to 1.0 for smith.
     A suggestion is usable when finite and in (start_lr, end_lr]; when no rule gives one, `_fallback` does,
@@ -472,14 +473,15 @@ def write_lr_range(result: LRRangeResult, out_dir: str | Path) -> dict:
     return paths
 
 
-def find_lr(data: str | Path | None = None, bs: int = 256, mode: str = "fastai", num_it: int = 100,
+def find_lr(data: str | Path | None = None, bs: int = 256, mode: str = "smith", num_it: int = 100,
             start_lr: float | None = None, end_lr: float | None = None, out: str | Path = "lr_find",
             size: int = 64, stem: str = "cifar", precision: str = "auto", classes: int | None = None,
-            train_per_class: int | None = None, n_val_batches: int = 4) -> LRRangeResult:
-    """`python main.py find-lr`: a range test on a fresh model, written to `out`."""
+            train_per_class: int | None = None, val_batches: int = HELD_OUT_BATCHES) -> LRRangeResult:
+    """`python main.py find-lr`: a range test on a fresh model, written to `out`. Its defaults are `fit --lr
+    auto`'s (Smith's test, 2 held-out batches), so that it shows the pick a run would make."""
     dls = tiny_imagenet_dls(data, bs=bs, size=size, classes=classes, train_per_class=train_per_class)
     learn = tiny_learner(dls, stem=stem, precision=precision)
     result = lr_range_test(learn, mode=mode, num_it=num_it, start_lr=start_lr, end_lr=end_lr,
-                           n_val_batches=n_val_batches)
+                           n_val_batches=val_batches)
     write_lr_range(result, out)
     return result
