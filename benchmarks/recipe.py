@@ -70,9 +70,13 @@ def tinyfast_fit(root: Path | str, epochs: int = 8, lr: float | str = 0.1, bs: i
     dls = tiny_imagenet_dls(root, bs=bs, size=size, aug=_augmentation(aug, size), classes=classes,
                             train_per_class=train_per_class)
     learn = tiny_learner(dls, resnet18(dls.c, **model_kwargs), **learner_kwargs)
-    if lr == "auto":  # as `fit --lr auto` does it
+    if lr == "auto":  # as `fit --lr auto` does it, with fit's defaults
+        import inspect
         from tinyfast.lr_range import lr_range_test
-        lr = lr_range_test(learn, mode="smith", num_it=100, n_val_batches=2).suggested_lr
+        from tinyfast.train import fit
+        d = {k: p.default for k, p in inspect.signature(fit).parameters.items()}
+        lr = lr_range_test(learn, mode=d["lr_mode"], num_it=d["lr_iterations"],
+                           n_val_batches=d["lr_val_batches"]).suggested_lr
     from fastai.callback.core import Callback
 
     class TrainClock(Callback):  # training seconds only, as the classic loop counts them
