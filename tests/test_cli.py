@@ -129,9 +129,10 @@ def test_the_cli_choices_are_the_packages():
     from tinyfast.lr_range import MODES
     from tinyfast.model import STEMS
     from tinyfast.train import SCHEDULES, TRACKERS
-    from tinyfast.cli import Mode, Precision, Schedule, Stem, Tracker
+    from tinyfast.export import FORMATS
+    from tinyfast.cli import ExportFormat, Mode, Precision, Schedule, Stem, Tracker
     for enum, values in [(Schedule, SCHEDULES), (Precision, PRECISIONS), (Stem, STEMS), (Mode, MODES),
-                         (Tracker, TRACKERS)]:
+                         (Tracker, TRACKERS), (ExportFormat, FORMATS)]:
         assert tuple(e.value for e in enum) == tuple(values), enum
 
 

@@ -23,31 +23,18 @@ app.add_typer(bench_app, name="bench")
 DATA_HELP = "a tiny-imagenet-200 folder or its zip [default: $TINYFAST_DATA or data/tiny-imagenet-200]"
 
 
-class Schedule(str, Enum):
-    one_cycle = "one-cycle"
-    plateau = "plateau"
+def _choices(name: str, *values: str) -> type[Enum]:
+    """A typer choice. The values are the package's tuples (SCHEDULES, PRECISIONS, STEMS, MODES, TRACKERS,
+    FORMATS), spelled here so that `--help` need not import torch; a test keeps the two equal."""
+    return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
 
-class Precision(str, Enum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp32 = "fp32"
-
-
-class Stem(str, Enum):
-    cifar = "cifar"
-    imagenet = "imagenet"
-
-
-class Mode(str, Enum):
-    fastai = "fastai"
-    smith = "smith"
-
-
-class Tracker(str, Enum):  # tinyfast.train.TRACKERS (a test keeps the two equal; importing train costs seconds)
-    csv = "csv"
-    tensorboard = "tensorboard"
-    wandb = "wandb"
+Schedule = _choices("Schedule", "one-cycle", "plateau")
+Precision = _choices("Precision", "auto", "bf16", "fp32")
+Stem = _choices("Stem", "cifar", "imagenet")
+Mode = _choices("Mode", "fastai", "smith")
+Tracker = _choices("Tracker", "csv", "tensorboard", "wandb")
+ExportFormat = _choices("ExportFormat", "onnx", "torchscript")
 
 
 # The allowed range of every numeric flag, checked before any work (`check_ranges`): "[1, inf)" is >= 1, "(0, 1]"
@@ -269,21 +256,18 @@ def evaluate(run_dir: Path = typer.Argument(..., help="a run folder written by f
              precision: Optional[Precision] = typer.Option(None, help="[default: the run's]"),
              quiet: bool = typer.Option(False, help="no progress bars (log.txt keeps what is printed)")):
     """Val loss, top-1/top-5, per-class accuracy and calibration (ECE, NLL, reliability.png)."""
+    from tinyfast.interpret import evaluate as evaluate_run
     learn = _load(run_dir, data, precision)
     with _logged(_out(run_dir, out), learn, quiet):
-        _evaluate(learn, run_dir, out, tta, temperature)
-
-
-def _evaluate(learn, run_dir: Path, out: Optional[Path], tta: bool, temperature: bool):
-    from tinyfast.interpret import evaluate as evaluate_run
-    res = run_safely(evaluate_run, learn, _out(run_dir, out), tta=tta, temperature=temperature)
-    typer.echo(f"val top-1 {res['accuracy']:.4f}  top-5 {res['top5']:.4f}  loss {res['loss']:.4f}  "
-               f"ECE {res.get('ece', float('nan')):.4f}  NLL {res.get('nll', float('nan')):.4f}  n={res['n']}"
-               + ("  (flip TTA)" if tta else ""))
-    if temperature and "temperature" in res:
-        typer.echo(f"temperature {res['temperature']:.3f} fitted on {res['n_fit']} images; on the other {res['n_report']}: "
-                   f"ECE {res['ece_before']:.4f} -> {res['ece_after']:.4f}, NLL {res['nll_before']:.4f} -> {res['nll_after']:.4f}")
-    _report(_out(run_dir, out))
+        res = run_safely(evaluate_run, learn, _out(run_dir, out), tta=tta, temperature=temperature)
+        typer.echo(f"val top-1 {res['accuracy']:.4f}  top-5 {res['top5']:.4f}  loss {res['loss']:.4f}  "
+                   f"ECE {res.get('ece', float('nan')):.4f}  NLL {res.get('nll', float('nan')):.4f}  n={res['n']}"
+                   + ("  (flip TTA)" if tta else ""))
+        if temperature and "temperature" in res:
+            typer.echo(f"temperature {res['temperature']:.3f} fitted on {res['n_fit']} images; on the other "
+                       f"{res['n_report']}: ECE {res['ece_before']:.4f} -> {res['ece_after']:.4f}, "
+                       f"NLL {res['nll_before']:.4f} -> {res['nll_after']:.4f}")
+        _report(_out(run_dir, out))
 
 
 @app.command()
@@ -350,11 +334,6 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder written by fi
     if cam:
         for path in run_safely(save_cam_overlays, learn, images):
             typer.echo(f"cam: {path}")
-
-
-class ExportFormat(str, Enum):  # tinyfast.export.FORMATS
-    onnx = "onnx"
-    torchscript = "torchscript"
 
 
 @app.command()

@@ -114,11 +114,10 @@ class StopOnNaN(Callback):
     def after_loss(self):
         if not self.training:
             return
-        bad = ~torch.isfinite(self.loss.detach()).all()
-        here = torch.full_like(bad, self.iter, dtype=torch.long)
-        no_bad = torch.full_like(here, -1)
-        found = torch.where(bad, here, no_bad)
-        self.first_bad = found if self.first_bad is None else torch.where(self.first_bad >= 0, self.first_bad, found)
+        if self.first_bad is None:  # -1: none yet, on the loss's device
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=self.loss.device)
+        bad = (self.first_bad < 0) & ~torch.isfinite(self.loss.detach()).all()
+        self.first_bad.masked_fill_(bad, self.iter)
         if (self.iter + 1) % self.every == 0:
             self._check()
 
