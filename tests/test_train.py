@@ -260,6 +260,46 @@ def test_fit_logs_to_tensorboard(tiny_root, tmp_path):
     assert len(events.Scalars("train_loss")) >= 2 * len(r.learn.dls.train)  # one per training step
 
 
+def wandb_records(path: Path):
+    """The records of a wandb offline run file: a LevelDB-style log (`:W&B`, magic, version, then 32 KiB blocks of
+    records with a 7-byte header: crc32c, length, type FULL/FIRST/MIDDLE/LAST), each a protobuf `Record`."""
+    from wandb.proto import wandb_internal_pb2
+    data, block, pos, parts = path.read_bytes(), 32768, 7, []
+    assert data[:4] == b":W&B", data[:7]
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind == 0:  # zeroed space
+            continue
+        parts = [chunk] if kind in (1, 2) else parts + [chunk]
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(parts))
+            yield record
+
+
+def test_fit_logs_to_wandb_offline_into_the_run_folder(tiny_root, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    r = fit(tiny_root, epochs=2, lr=0.02, out=tmp_path / "wb", log="wandb", **SMALL)
+    assert capsys.readouterr().out == ""  # quiet: wandb's banner and summary too
+    (run_file,) = (r.run_dir / "wandb").glob("offline-run-*/run-*.wandb")  # offline, inside the run folder
+    history, config = [], {}
+    for record in wandb_records(run_file):
+        if record.WhichOneof("record_type") == "history":
+            history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+        elif record.WhichOneof("record_type") == "run":
+            config.update({u.key: json.loads(u.value_json) for u in record.run.config.update})
+    epochs = [h for h in history if "accuracy" in h]
+    assert [h["accuracy"] for h in epochs] == pytest.approx([row["accuracy"] for row in read_metrics(r.run_dir)], abs=1e-6)
+    assert len([h for h in history if "raw_loss" in h]) >= 2 * len(r.learn.dls.train)  # one per training step
+    assert config["lr"] == 0.02 and config["epochs"] == 2  # the run's own arguments
+
+
 def test_the_nan_guard_does_not_read_the_loss_into_python_every_batch(monkeypatch):
     """On a GPU, a Python bool of a device tensor makes the host wait for the step: the guard keeps its verdict on
     the device and reads it every `every` batches and at the end of the training phase."""

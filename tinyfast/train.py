@@ -477,7 +477,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
             a["lr_picked"] = on_main(start_run)
         lr = float(a.get("lr_picked", a["lr"]))
         logger = RunLogger(run_dir, start)
-        run_cbs = [logger, StopOnNaN()] + lever_callbacks(a, start) + tracker_callbacks(a, run_dir, start) + list(cbs or [])
+        run_cbs = [logger, StopOnNaN()] + lever_callbacks(a, start) + tracker_callbacks(a, run_dir, start, quiet) + list(cbs or [])
         if a.get("compile"):
             run_cbs.append(CompileModel())
         if a["schedule"] == "plateau":
@@ -547,7 +547,7 @@ def _check_tracker(log: str) -> None:
                        f"without it, with --log csv)")
 
 
-def tracker_callbacks(args: dict, run_dir: Path, start: dict | None = None) -> list:
+def tracker_callbacks(args: dict, run_dir: Path, start: dict | None = None, quiet: bool = False) -> list:
     """fastai's TensorBoardCallback or WandbCallback, writing into the run folder (rank 0 only, as fastai's own)."""
     log, start_epoch = args.get("log", "csv"), (start or {}).get("epoch", 0)
     if log == "tensorboard":
@@ -565,8 +565,23 @@ def tracker_callbacks(args: dict, run_dir: Path, start: dict | None = None) -> l
         from fastai.callback.wandb import WandbCallback
         if wandb.run is None:
             wandb.init(project="tinyfast", dir=str(run_dir), config=args, mode=os.environ.get("WANDB_MODE", "offline"),
-                       name=run_dir.name)
-        return [WandbCallback(log_preds=False, log_model=False)]
+                       name=run_dir.name, settings=wandb.Settings(silent=quiet))
+
+        class Wandb(WandbCallback):
+            def before_fit(self):
+                # fastai logs the learner's init args as the config, and its walk fails on a Path (slotted:
+                # "vars() argument must have __dict__") inside the datasets; the run's own args went to wandb.init
+                self.learn.gather_args = dict
+                try:
+                    super().before_fit()
+                finally:
+                    del self.learn.gather_args
+
+            def after_epoch(self):  # a resume skips epochs that have no metrics to log
+                if self.epoch >= start_epoch:
+                    super().after_epoch()
+
+        return [Wandb(log_preds=False, log_model=False)]
     return []
 
 
