@@ -94,6 +94,17 @@ def test_bench_train_rejects_bad_arguments(kwargs, message):
         bench_train(device="cpu", **kwargs)
 
 
+def test_bench_data_without_the_baseline_times_tinyfast_alone(tiny_root, monkeypatch):
+    import tinyfast.bench as bench
+    timed = []
+    real = bench._images_per_second
+    monkeypatch.setattr(bench, "_images_per_second", lambda loader, *a: timed.append(loader) or real(loader, *a))
+    r = bench_data(tiny_root, bs=32, size=32, passes=1, num_workers=0, naive=False, baseline=False, device="cpu")
+    assert len(timed) == 1 and r["tinyfast_img_s"] > 0 and r["baseline_img_s"] is None and r["ratio"] is None
+    text = format_bench_data(r)
+    assert "hand-written" not in text and "ratio" not in text and "tinyfast (decoded cache" in text
+
+
 def test_bench_data_rejects_bad_arguments(tiny_root):
     with pytest.raises(ValueError, match="passes must be >= 1"):
         bench_data(tiny_root, passes=0)

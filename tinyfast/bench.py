@@ -128,7 +128,8 @@ def _images_per_second(loader, device: torch.device, passes: int) -> tuple[float
 
 def bench_data(data: Path | str | None = None, bs: int = 256, size: int = 64, num_workers: int | None = None,
                baseline_workers: int = 2, classes: int | None = None, train_per_class: int | None = None,
-               passes: int = 2, naive: bool = True, device: torch.device | str | None = None) -> dict:
+               passes: int = 2, naive: bool = True, baseline: bool = True,
+               device: torch.device | str | None = None) -> dict:
     """Train-loader images/s: tinyfast's `dls.train` with its defaults against the hand-written
     `HandWrittenDataset` in a torch `DataLoader(bs, shuffle=True, num_workers=baseline_workers)`, same files.
 
@@ -139,6 +140,7 @@ def bench_data(data: Path | str | None = None, bs: int = 256, size: int = 64, nu
     what the decoded cache and `CachedBatchDL` buy (its only pass comes after the JPEGs are in the page cache).
     Each loader also reports CPU microseconds per image over all its processes (`*_cpu_us`): what it costs
     the cores the model needs too, and less distorted than the wall-clock rates on a busy machine.
+    `baseline=False` times tinyfast's loader alone (a sweep over its worker counts, on the full set).
     """
     _check_positive(bs=bs, size=size, passes=passes, classes=classes, train_per_class=train_per_class)
     _check_non_negative(num_workers=num_workers, baseline_workers=baseline_workers)
@@ -154,10 +156,12 @@ def bench_data(data: Path | str | None = None, bs: int = 256, size: int = 64, nu
 
     files = [Path(p) for p in dls.train_ds.items]
     labels = [dls.vocab.o2i[p.parent.parent.name] for p in files]
-    baseline = torch.utils.data.DataLoader(
-        HandWrittenDataset(files, labels, size), batch_size=bs, shuffle=True, num_workers=baseline_workers,
-        drop_last=train.drop_last, pin_memory=device.type == "cuda")
-    baseline_img_s, baseline_cpu_us = _images_per_second(baseline, device, passes)
+    baseline_img_s = baseline_cpu_us = None
+    if baseline:
+        hand_written = torch.utils.data.DataLoader(
+            HandWrittenDataset(files, labels, size), batch_size=bs, shuffle=True, num_workers=baseline_workers,
+            drop_last=train.drop_last, pin_memory=device.type == "cuda")
+        baseline_img_s, baseline_cpu_us = _images_per_second(hand_written, device, passes)
 
     naive_img_s = naive_cpu_us = None
     if naive:
@@ -173,7 +177,7 @@ def bench_data(data: Path | str | None = None, bs: int = 256, size: int = 64, nu
 
     return {"tinyfast_img_s": tinyfast_img_s, "baseline_img_s": baseline_img_s,
             "cache_check_ms": cache_check_ms, "cache_check_files": len(all_files),
-            "ratio": tinyfast_img_s / baseline_img_s, "naive_fastai_img_s": naive_img_s,
+            "ratio": tinyfast_img_s / baseline_img_s if baseline else None, "naive_fastai_img_s": naive_img_s,
             "tinyfast_cpu_us": tinyfast_cpu_us, "baseline_cpu_us": baseline_cpu_us, "naive_fastai_cpu_us": naive_cpu_us,
             "n_images": len(dls.train_ds), "bs": bs, "size": size, "num_workers": train.fake_l.num_workers,
             "baseline_workers": baseline_workers, "passes": passes, "device": str(device),
@@ -191,13 +195,15 @@ def format_bench_data(result: dict) -> str:
         f"train loader: {r['n_images']:,} images, bs {r['bs']}, {r['size']} px, device {r['device']}, "
         f"{r['threads']} torch threads on {os.cpu_count()} cores; last of {r.get('passes', 2)} passes timed",
         line(f"tinyfast (decoded cache, per-batch Albumentations, {r['num_workers']} workers):", "tinyfast_img_s"),
-        line(f"hand-written (torch Dataset: cv2 + Albumentations + Normalize, {r['baseline_workers']} workers):",
-             "baseline_img_s"),
     ]
+    if r.get("baseline_img_s") is not None:
+        lines.append(line(f"hand-written (torch Dataset: cv2 + Albumentations + Normalize, {r['baseline_workers']} "
+                          "workers):", "baseline_img_s"))
     if r.get("naive_fastai_img_s") is not None:
         lines.append(line(f"fastai per-item DataLoader, same DataBlock, no cache ({r['baseline_workers']} workers):",
                           "naive_fastai_img_s"))
-    lines.append(f"  ratio tinyfast / hand-written: {r['ratio']:.2f}x")
+    if r.get("ratio") is not None:
+        lines.append(f"  ratio tinyfast / hand-written: {r['ratio']:.2f}x")
     if r.get("cache_check_ms") is not None:
         lines.append(f"  stale-cache check (one stat a file): {r['cache_check_ms']:,.0f} ms for {r['cache_check_files']:,} files")
     lines.append("  (wall-clock rates move with whatever else runs on the machine; CPU time per image, workers "

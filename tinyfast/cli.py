@@ -389,13 +389,14 @@ def bench_data_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                    classes: Optional[int] = typer.Option(None, help="the first N classes only"),
                    train_per_class: Optional[int] = typer.Option(None, help="the first M training images of each class"),
                    passes: int = typer.Option(2, help="passes over the data; the last one is timed"),
-                   naive: bool = typer.Option(True, help="also time fastai's ordinary per-item loader (no cache), for context")):
+                   naive: bool = typer.Option(True, help="also time fastai's ordinary per-item loader (no cache), for context"),
+                   baseline: bool = typer.Option(True, help="also time the hand-written loader (--no-baseline: tinyfast's alone, e.g. to compare worker counts)")):
     """tinyfast's train loader against a hand-written torch Dataset + DataLoader, same files, same run."""
     check_ranges(locals())
     from tinyfast.bench import bench_data, format_bench_data
     res = run_safely(bench_data, data=data, bs=bs, size=size, num_workers=num_workers,
                      baseline_workers=baseline_workers, classes=classes, train_per_class=train_per_class, passes=passes,
-                     naive=naive)
+                     naive=naive, baseline=baseline)
     typer.echo(format_bench_data(res))
 
 
