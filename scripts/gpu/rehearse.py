@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(HERE))
-from stage import CALL_MIB, DEVICE_LACKS, PYTHON, stage, travelling_bytes  # noqa: E402
+from stage import CALL_MIB, DEVICE_LACKS, PYTHON, stage, travelling_bytes, tree_files  # noqa: E402
 
 RETURN_FILES, RETURN_MIB, RETURN_TOTAL_MIB = 8, 16, 64
 NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -62,12 +62,6 @@ class DeviceImage(importlib.abc.MetaPathFinder):
         return spec
 sys.meta_path.insert(0, DeviceImage())
 '''
-
-
-def tree_files(repo: Path) -> list[str]:
-    names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, capture_output=True,
-                           check=True).stdout.decode().split("\0")
-    return [n for n in names if n and (repo / n).is_file()]
 
 
 def folder_bytes(folder: Path) -> int:

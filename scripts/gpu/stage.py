@@ -73,11 +73,15 @@ def download_wheels(dest: Path) -> list[Path]:
     return sorted(dest.glob("*.whl"))
 
 
-def travelling_bytes(repo: Path) -> int:
+def tree_files(repo: Path) -> list[str]:
     """What every call sends besides its carried folder: tracked files and untracked ones git does not ignore."""
     names = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=repo, capture_output=True,
-                           check=True).stdout.split(b"\0")
-    return sum((repo / n.decode()).stat().st_size for n in names if n and (repo / n.decode()).is_file())
+                           check=True).stdout.decode().split("\0")
+    return [n for n in names if n and (repo / n).is_file()]
+
+
+def travelling_bytes(repo: Path) -> int:
+    return sum((repo / n).stat().st_size for n in tree_files(repo))
 
 
 def stage(root: Path | str, wheels_dir: Path | str | None = None, dest: Path | str = ".gpu",
