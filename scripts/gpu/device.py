@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -72,16 +73,13 @@ def store(call: int) -> list[str]:
     return stored
 
 
-def parts_state() -> dict:
-    """Which parts listed in pack.sha1 are stored and intact, which are missing."""
+def missing_parts() -> list[str]:
+    """The parts pack.sha1 lists that are not stored (their bytes are checked once, by jpegpack's unpack)."""
     listing = PARTS / "pack.sha1"
     if not listing.exists():
-        return {"listed": None, "missing": ["pack.sha1"], "damaged": []}
-    listed = [line.split() for line in listing.read_text().splitlines() if line.strip()]
-    missing = [name for _, name in listed if not (PARTS / name).exists()]
-    damaged = [name for sha, name in listed if (PARTS / name).exists()
-               and hashlib.sha1((PARTS / name).read_bytes()).hexdigest() != sha]
-    return {"listed": len(listed), "missing": missing, "damaged": damaged}
+        return ["pack.sha1"]
+    return [line.split()[1] for line in listing.read_text().splitlines()
+            if line.strip() and not (PARTS / line.split()[1]).exists()]
 
 
 def check_environment() -> dict:
@@ -108,15 +106,15 @@ def check_environment() -> dict:
             "dev_shm_gib": round(shm.total / 2**30, 1) if shm else None, "cpus": os.cpu_count(),
             "nvidia_smi": subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                                          capture_output=True, text=True).stdout.strip() if smi else None,
-            "parts": parts_state(), "stage": str(STAGE)}
+            "missing_parts": missing_parts(), "stage": str(STAGE)}
 
 
 def start_fit(flags: list[str]) -> None:
     """The dataset rebuilt from its parts, then `main.py fit` detached (its own session): it outlives this call."""
-    state = parts_state()
-    if state["missing"] or state["damaged"]:
-        raise SystemExit(f"device.py: parts missing {state['missing']} or damaged {state['damaged']}: the machine "
-                         "went back between calls, or a call was skipped; start again from call 1")
+    missing = missing_parts()
+    if missing:
+        raise SystemExit(f"device.py: parts missing {missing}: the machine went back between calls, or a call was "
+                         "skipped; start again from call 1")
     root = DATA / "tiny-imagenet-200"
     if not root.exists():
         DATA.mkdir(parents=True, exist_ok=True)
@@ -200,7 +198,7 @@ def summarise(run: Path, finished: bool) -> dict:
     if rows:
         n_train = config.get("dataset", {}).get("n_train")
         seconds = [r["train_seconds"] for r in rows]
-        cumulative = [sum(seconds[:i + 1]) for i in range(len(seconds))]
+        cumulative = list(itertools.accumulate(seconds))
         at_50 = next((c for r, c in zip(rows, cumulative) if r["accuracy"] >= 0.5), None)
         best = min(rows, key=lambda r: r["valid_loss"])  # the epoch model.pth holds: fit monitors valid_loss
         result.update({"best_top1": max(r["accuracy"] for r in rows), "last_top1": rows[-1]["accuracy"],
@@ -271,7 +269,7 @@ def main(argv: list[str]) -> None:
     step, flags = argv[0], argv[1:]
     if step in ("1", "2", "3"):
         stored = store(int(step))
-        print(f"call {step}: stored {len(stored)} parts; {parts_state()}", flush=True)
+        print(f"call {step}: stored {len(stored)} parts; missing: {missing_parts()}", flush=True)
     if step == "1":
         env = check_environment()
         (out_dir() / "env.json").write_text(json.dumps(env, indent=2) + "\n")

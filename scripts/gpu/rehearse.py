@@ -118,12 +118,13 @@ def device_call(call: str, work: Path, repo: Path, carried: Path | None, fit_fla
     env = {"PATH": f"{work / 'bin'}{os.pathsep}/usr/bin:/bin", "HOME": str(work / "device" / "home"), "OUT": str(out),
            "PYTHONPATH": str(work / "image"), "TINYFAST_STAGE": str(work / "device" / "root" / "tinyfast"),
            "MPLBACKEND": "Agg", "LANG": "C.UTF-8", "TINYFAST_BENCH_BS": "16"}
-    command = no_network_prefix() + ["python3", "scripts/gpu/device.py", call] + fit_flags
+    cut = no_network_prefix()
+    command = cut + ["python3", "scripts/gpu/device.py", call] + fit_flags
     res = subprocess.run(command, cwd=device_repo, env=env, capture_output=True, text=True, timeout=600)
     if res.returncode != 0:
         raise SystemExit(f"rehearse: call {call} failed (exit {res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
     return {"files": sorted(str(p.relative_to(out)) for p in check_returned(out)), "out": str(out),
-            "tail": res.stdout.strip().splitlines()[-1:], "network_cut": bool(no_network_prefix())}
+            "tail": res.stdout.strip().splitlines()[-1:], "network_cut": bool(cut)}
 
 
 def stand_in_python(work: Path) -> None:
