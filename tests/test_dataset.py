@@ -159,7 +159,9 @@ def server():
 
 
 def download(dest, url, **kw):
-    return download_tiny_imagenet(dest, url=url, progress=False, timeout=5, **kw)
+    # No test here waits for the timeout to fire; it only bounds a hang. 5 s was once too short for a local 404 on
+    # a loaded CI machine ("timed out" instead of "HTTP 404"), so it is generous.
+    return download_tiny_imagenet(dest, url=url, progress=False, timeout=60, **kw)
 
 
 # --------------------------------------------------------------------------- readers
