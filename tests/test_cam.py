@@ -1,48 +1,30 @@
-"""Grad-CAM on a model trained on the synthetic dataset, where the drawn object is the only class evidence:
-a model that learned the task must look inside the object's box, and an untrained one need not."""
+"""The adapter over pytorch-grad-cam (tinyfast.cam) on a model trained on the synthetic dataset (conftest's
+cam_learn): shapes, precision, hooks, targets, layers, methods, alignment; its views are in test_cam_report."""
 from __future__ import annotations
 
 import copy
-import json
-import re
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
-from fastai.torch_core import set_seed
-from matplotlib.figure import Figure
-from PIL import Image
 from pytorch_grad_cam.utils.image import scale_cam_image
 
 from tinyfast import cam as C
-from tinyfast.cam import CAM_METHODS, compute_cams, gradcam, gradcam_grid, localisation_score
-from tinyfast.data import load_rgb, tiny_imagenet_dls
-from tinyfast.dataset import read_train_boxes, read_val_annotations
-from tinyfast.learner import tiny_learner
-from tinyfast.model import resnet18
+from tinyfast.cam import CAM_METHODS, compute_cams
+from tinyfast.data import load_rgb
+from tinyfast.predict import model_inputs
 
-SIZE = 32
-WIDTH = 16  # a narrow ResNet18 (the same stages and blocks, ~1/16 of the FLOPs) learns the task in seconds
-
-
-def _learner(dls, seed: int = 0):
-    set_seed(seed)
-    return tiny_learner(dls, model=resnet18(dls.c, width=WIDTH))
+from conftest import CAM_SIZE as SIZE
 
 
 @pytest.fixture(scope="module")
-def dls(demo_root):
-    set_seed(0)  # the loader's shuffling too
-    return tiny_imagenet_dls(demo_root, bs=16, size=SIZE, aug=False)  # no augmentation: learns in fewer epochs
+def dls(cam_dls):
+    return cam_dls
 
 
 @pytest.fixture(scope="module")
-def learn(dls):
-    learn = _learner(dls)
-    with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(4, 0.1)
-    return learn
+def learn(cam_learn):
+    return cam_learn
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +99,7 @@ def test_targets_default_to_the_prediction(learn, batch):
 
 def test_uint8_images_are_normalised_like_the_loader(learn):
     paths = learn.dls.valid_ds.items[:4]
-    x = C._inputs(learn, paths)
+    x = model_inputs(learn, paths)
     raw = np.stack([load_rgb(p, SIZE) for p in paths])
     assert np.allclose(compute_cams(learn, raw, targets=1), compute_cams(learn, x, targets=1), atol=1e-3)
 
@@ -164,22 +146,7 @@ def test_bad_arguments_give_one_line_errors(learn, batch):
         with pytest.raises(ValueError, match=listed) as e:
             compute_cams(learn, x, **kwargs)
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match="gradcam, gradcam\\+\\+"):
-        gradcam_grid(learn, method="nope")
-    with pytest.raises(ValueError, match="layer3"):
-        localisation_score(learn, layer="layer3.7")
     assert _hooks_left(learn.model) == []
-
-
-def test_box_scaling(tmp_path):
-    # annotations are in the original image's pixels; an input pixel is in the box when its centre is
-    square, wide = tmp_path / "square.png", tmp_path / "wide.png"
-    Image.new("RGB", (64, 64)).save(square)
-    Image.new("RGB", (128, 64)).save(wide)
-    assert C._box_in_input(square, (0, 0, 63, 63), (32, 32)) == (0, 0, 31, 31)
-    assert C._box_in_input(square, (10, 20, 29, 39), (32, 32)) == (5, 10, 14, 19)
-    assert C._box_in_input(square, (10, 20, 29, 39), (64, 64)) == (10, 20, 29, 39)
-    assert C._box_in_input(wide, (20, 20, 59, 39), (64, 64)) == (10, 20, 29, 39)  # squished: x halves
 
 
 def test_alignment_puts_a_cell_on_its_pixels():
@@ -193,71 +160,3 @@ def test_alignment_puts_a_cell_on_its_pixels():
     assert np.unravel_index(aligned[0].argmax(), (32, 32)) == (8, 16)
     assert aligned.min() >= 0 and aligned.max() == pytest.approx(1)
     assert C.align_cams(raw, (32, 32)) is raw  # stride 1: nothing to move
-
-
-def test_trained_model_looks_at_the_object(learn, dls):
-    trained = localisation_score(learn)
-    unaligned = localisation_score(learn, align=False)
-    untrained = localisation_score(_learner(dls, seed=1))
-    base = trained["box_area_fraction"]
-    assert trained["n"] == len(dls.valid_ds) and trained["pointing_baseline"] == base
-    assert 0.1 < base < 0.5
-    assert trained["pointing_game"] > base + 0.3, trained
-    assert trained["energy_in_box"] > base + 0.15, trained
-    assert trained["pointing_game"] > untrained["pointing_game"] + 0.2, (trained, untrained)
-    assert trained["energy_in_box"] > untrained["energy_in_box"] + 0.1, (trained, untrained)
-    assert trained["pointing_game"] > unaligned["pointing_game"] + 0.05, (trained, unaligned)
-
-
-def test_localisation_limit_and_layer(learn):
-    s = localisation_score(learn, method="layercam", limit=10, layer="layer3")
-    assert s["n"] == 10 and s["method"] == "layercam" and s["layer"] == "layer3"
-    assert 0 <= s["pointing_game"] <= 1 and 0 <= s["energy_in_box"] <= 1
-
-
-def _titles(fig: Figure) -> list[str]:
-    return [t for t in (ax.get_title(loc="left") for ax in fig.axes) if t]
-
-
-def test_grid_shows_right_and_wrong(learn):
-    n = 8
-    probs, targs = learn.get_preds(dl=learn.dls.valid)
-    n_wrong = int((probs.argmax(1) != targs).sum())
-    fig = gradcam_grid(learn, n=n)
-    titles = _titles(fig)
-    plt.close(fig)
-    assert isinstance(fig, Figure) and len(titles) == n
-    pairs = [re.fullmatch(r"true: (.+)\npred: (.+) \((\d\.\d\d)\)", t).groups() for t in titles]
-    assert {true for true, _, _ in pairs} <= set(learn.dls.names)
-    assert sum(true != pred for true, pred, _ in pairs) == min(n // 2, n_wrong)
-
-
-def test_gradcam_writes_figures_and_scores(learn, tmp_path):
-    out = gradcam(learn, tmp_path, n=4, methods=("gradcam", "gradcam++"), score=True, limit=16)
-    assert set(out["figures"]) == {"gradcam", "gradcam++"}
-    for name in ("gradcam.png", "gradcam_gradcampp.png"):
-        with Image.open(tmp_path / name) as im:
-            im.verify()
-            assert im.format == "PNG" and im.size[0] >= 4 * 2 * 150 and im.size[1] >= 200  # 4 pairs, legible
-    scores = json.loads((tmp_path / "gradcam.json").read_text())
-    assert set(scores) == {"gradcam", "gradcam++"} and scores["gradcam"]["n"] == 16
-
-
-def test_grid_of_given_images(learn, tmp_path):
-    root = learn.dls.root
-    val = list(learn.dls.valid_ds.items[:2])
-    train = sorted((root / "train" / learn.dls.vocab[0] / "images").iterdir())[0]
-    outside = tmp_path / "mine.png"
-    Image.fromarray(load_rgb(val[0])).save(outside)
-    fig = gradcam_grid(learn, n=5, images=[*val, train, outside])
-    titles = _titles(fig)
-    plt.close(fig)
-    assert len(titles) == 4
-    assert titles[0].startswith("true: ") and titles[2].startswith(f"true: {learn.dls.names[0]}\n")
-    assert titles[3].startswith("mine.png\npred: ")  # no label known for a file outside the dataset
-    # dataset images get their annotated box drawn, from val_annotations.txt or the class's boxes file
-    annotations = read_val_annotations(root)
-    val_dir = C._val_images_dir(learn)
-    assert C._known_box(val[0], learn, annotations, val_dir) == annotations[val[0].name][1]
-    assert C._known_box(train, learn, annotations, val_dir) == read_train_boxes(root, learn.dls.vocab[0])[train.name]
-    assert C._known_box(outside, learn, annotations, val_dir) is None

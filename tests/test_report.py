@@ -25,3 +25,16 @@ def test_report_links_what_exists_and_names_what_is_missing(tmp_path):
     assert "| 0.625 | 1 | 0.9 | 32 |" in text and "red circle" in text
     assert "not yet — `python main.py gradcam RUN_DIR`" in text
     assert "not yet — `python main.py interpret RUN_DIR`" in text  # confusion.png is missing
+
+
+def test_report_tables_the_localisation_scores_gradcam_writes(tmp_path):
+    # gradcam.json as tinyfast.cam_report.gradcam writes it: {method: its scores}
+    run = tmp_path / "run"
+    run.mkdir()
+    scores = {m: {"method": m, "layer": "layer4.1", "n": 96, "pointing_game": p, "energy_in_box": 0.5}
+              for m, p in (("gradcam", 0.875), ("layercam", 0.8125))}
+    (run / "gradcam.json").write_text(json.dumps(scores))
+    (run / "gradcam.png").write_bytes(b"\x89PNG")
+    text = write_report(run).read_text()
+    assert "![Grad-CAM](gradcam.png)" in text
+    assert "| gradcam | layer4.1 | 96 | 0.875 | 0.5 |" in text and "| layercam | layer4.1 | 96 | 0.8125 | 0.5 |" in text

@@ -15,7 +15,8 @@ import pytest
 import torch
 from fastai.callback.core import Callback
 
-from tinyfast.train import (METRIC_COLUMNS, NonFiniteLoss, RunError, RunInterrupted, atomic_save, fit, load_run,
+from tinyfast.layout import atomic_save
+from tinyfast.train import (METRIC_COLUMNS, NonFiniteLoss, RunError, RunInterrupted, fit, load_run,
                             new_run_dir, read_metrics)
 
 SMALL = dict(size=16, bs=16, quiet=True)  # runs that only check mechanics

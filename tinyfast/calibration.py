@@ -20,6 +20,8 @@ import torch
 from matplotlib.figure import Figure
 from scipy.optimize import minimize_scalar
 
+from .layout import RELIABILITY, RELIABILITY_TEMPERATURE, save_figure
+
 N_BINS = 15
 # Temperatures searched by `fit_temperature`: wide enough for any sane network, bounded so that perfectly
 # separable data (NLL falls forever as T -> 0) still gives a finite answer.
@@ -209,12 +211,6 @@ def plot_reliability(probs, targets, n_bins: int = N_BINS, title: str | None = N
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def calibration_summary(probs, targets, out_dir: str | Path | None = None, temperature: bool = False,
                         seed: int = 0, n_bins: int = N_BINS) -> dict:
     """ECE and NLL of these predictions; with `temperature=True`, also the effect of temperature scaling,
@@ -230,8 +226,8 @@ def calibration_summary(probs, targets, out_dir: str | Path | None = None, tempe
     out_dir = None if out_dir is None else Path(out_dir)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _save(plot_reliability(p, t, n_bins, title="Reliability (all validation images)"),
-              out_dir / "reliability.png")
+        save_figure(plot_reliability(p, t, n_bins, title="Reliability (all validation images)"),
+                    out_dir / RELIABILITY, dpi=120)
     if not temperature:
         return out
 
@@ -247,5 +243,5 @@ def calibration_summary(probs, targets, out_dir: str | Path | None = None, tempe
     if out_dir is not None:
         title = (f"After temperature scaling, T={temp:.2f}\nfitted on {len(fit)} images, shown on the other "
                  f"{len(rep)} (ECE before: {out['ece_before']:.3f})")
-        _save(plot_reliability(after, t[rep], n_bins, title=title), out_dir / "reliability_temperature.png")
+        save_figure(plot_reliability(after, t[rep], n_bins, title=title), out_dir / RELIABILITY_TEMPERATURE, dpi=120)
     return out

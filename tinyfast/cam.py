@@ -16,29 +16,21 @@ module adds them on top of pytorch-grad-cam, with the library's known traps hand
 * the library's upsampling puts each feature cell (s-1)/2 px off the pixels it is centred on (s: the
   layer's stride, 8 for layer4 of our ResNet18): `align_cams` moves it back.
 
-TinyImageNet ships a box round the object of every val image, so a CAM can be scored, not only looked at
-(`localisation_score`): the pointing game (is the CAM's peak inside the box?) and the share of the CAM's
-energy inside the box, each next to the score a map with no idea where the object is would get.
+What a user sees of the maps (the grid of val images, the localisation score against TinyImageNet's boxes, the
+files of `python main.py gradcam`) is built on this module in `tinyfast.cam_report`; `tinyfast.predict` puts
+a map over any image file.
 """
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 from unittest import mock
 
 import cv2
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from fastai.learner import Learner
-from fastprogress.fastprogress import progress_bar
-from matplotlib.figure import Figure
-from PIL import Image
 from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM)
 from pytorch_grad_cam import score_cam as _score_cam_module
 from pytorch_grad_cam.utils.image import show_cam_on_image
@@ -46,11 +38,10 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from .data import TINY_MEAN, TINY_STD
-from .dataset import DatasetError, read_train_boxes, read_val_annotations
 from .learner import FastDevice, autocast_dtype
 
-__all__ = ["CAM_METHODS", "resolve_layer", "align_cams", "compute_cams", "cam_overlay",
-           "gradcam_grid", "localisation_score", "gradcam"]
+__all__ = ["CAM_METHODS", "cam_class", "resolve_layer", "as_input", "align_cams", "compute_cams", "denormalise",
+           "cam_overlay"]
 
 CAM_METHODS = {
     "gradcam": GradCAM,            # channel weights = spatial mean of the gradients (Selvaraju et al. 2017)
@@ -67,7 +58,8 @@ CAM_METHODS = {
 # ---------------------------------------------------------------------------------------------------------
 # Arguments
 # ---------------------------------------------------------------------------------------------------------
-def _cam_class(method: str):
+def cam_class(method: str):
+    """The pytorch-grad-cam class of `method`, or a ValueError listing the methods."""
     if method not in CAM_METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of: {', '.join(CAM_METHODS)}")
     return CAM_METHODS[method]
@@ -235,7 +227,7 @@ def compute_cams(learn_or_model: Learner | nn.Module, images, targets=None, meth
     fp32 either way. The model is put in eval mode for the call and given back its modes; the library's hooks
     and ours are gone when this returns, also after an error."""
     model = _model_of(learn_or_model)
-    cam_cls = _cam_class(method)
+    cam_cls = cam_class(method)
     name, module = resolve_layer(model, layer)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -315,236 +307,3 @@ def cam_overlay(image: np.ndarray, cam: np.ndarray, min_side: int = 256, max_sid
         cv2.rectangle(out, (round(x0 * fx), round(y0 * fy)), (round((x1 + 1) * fx) - 1, round((y1 + 1) * fy) - 1),
                       (255, 255, 255), max(1, round(min(fx, fy) / 2)))
     return out
-
-
-def _names(learn: Learner) -> list[str]:
-    return list(getattr(learn.dls, "names", None) or learn.dls.vocab)
-
-
-def _val_annotations(learn: Learner) -> dict:
-    root = getattr(learn.dls, "root", None)
-    try:
-        return read_val_annotations(root) if root is not None else {}
-    except DatasetError:
-        return {}
-
-
-def _val_images_dir(learn: Learner) -> Path | None:
-    root = getattr(learn.dls, "root", None)
-    return (Path(root) / "val" / "images").resolve() if root is not None else None
-
-
-def _label_of(path: Path, learn: Learner, annotations: dict) -> int | None:
-    """The true class of a dataset image (val: annotations, train: its class folder); None for others."""
-    vocab = list(learn.dls.vocab)
-    wnid = None
-    if path.resolve().parent == _val_images_dir(learn):
-        wnid = annotations.get(path.name, (None,))[0]
-    elif path.parent.name == "images" and path.parent.parent.parent.name == "train":
-        wnid = path.parent.parent.name
-    return vocab.index(wnid) if wnid in vocab else None
-
-
-def _known_box(path: Path, learn: Learner, annotations: dict, val_dir: Path | None):
-    """The annotated box of a dataset image (val, or train from its class's boxes file), else None."""
-    if path.resolve().parent == val_dir:
-        return annotations.get(path.name, (None, None))[1]
-    root = getattr(learn.dls, "root", None)
-    wnid = path.parent.parent.name
-    if root is not None and path.resolve().parent == (Path(root) / "train" / wnid / "images").resolve():
-        return read_train_boxes(root, wnid).get(path.name)
-    return None
-
-
-def _box_in_input(path: Path, box, input_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """An annotation box (inclusive pixels of the original image) in the model input's pixels: the input is
-    the image squished to `input_hw`, and an input pixel is in the box when its centre is."""
-    with Image.open(path) as im:
-        w0, h0 = im.size
-    h, w = input_hw
-    sx, sy = w / w0, h / h0
-    x0, y0, x1, y1 = box
-    # input pixel j covers [j, j+1) and is inside when x0*sx <= j + 0.5 < (x1+1)*sx
-    jx0, jy0 = int(np.ceil(x0 * sx - 0.5)), int(np.ceil(y0 * sy - 0.5))
-    jx1, jy1 = int(np.ceil((x1 + 1) * sx - 0.5)) - 1, int(np.ceil((y1 + 1) * sy - 0.5)) - 1
-    jx0, jy0 = min(max(jx0, 0), w - 1), min(max(jy0, 0), h - 1)
-    return jx0, jy0, max(jx0, min(jx1, w - 1)), max(jy0, min(jy1, h - 1))
-
-
-def _inputs(learn: Learner, paths: Sequence[Path], bs: int = 64) -> torch.Tensor:
-    """The model inputs for `paths` through the Learner's own test pipeline (resize, normalise), in order."""
-    dl = learn.dls.test_dl(list(paths), bs=bs)
-    return torch.cat([b[0].as_subclass(torch.Tensor).cpu() for b in dl]) if len(paths) else torch.zeros(0, 3, 1, 1)
-
-
-def inputs_and_probs(learn: Learner, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model inputs for `paths` (as `_inputs`) and the class probabilities, from one pass of `get_preds`."""
-    x, probs, _ = learn.get_preds(dl=learn.dls.test_dl(list(paths)), with_input=True)
-    return x.as_subclass(torch.Tensor).contiguous(), probs.float()
-
-
-def _pick(correct: np.ndarray, losses: np.ndarray, n: int) -> list[int]:
-    """Half right, half wrong when there are enough of each: the most confident mistakes (fastai's
-    top-losses idea: the instructive ones) and an even spread of the right ones."""
-    right, wrong = np.flatnonzero(correct), np.flatnonzero(~correct)
-    n_wrong = min(len(wrong), max(n - len(right), n // 2))
-    n_right = min(len(right), n - n_wrong)
-    wrong = wrong[np.argsort(-losses[wrong], kind="stable")][:n_wrong]
-    right = right[np.linspace(0, len(right) - 1, n_right).round().astype(int)] if n_right else right[:0]
-    return right.tolist() + wrong.tolist()
-
-
-def gradcam_grid(learn: Learner, n: int = 16, method: str = "gradcam", layer: str | nn.Module | None = None,
-                 images: Sequence[Path | str] | None = None) -> Figure:
-    """A figure of `n` images, each shown plain and with the CAM of its *predicted* class over it, titled
-    with the true class (when known), the prediction and its probability; green when right, red when wrong,
-    the annotated box in white where there is one.
-
-    Without `images`: val images (among the first 50 * n), half predicted right and half wrong where
-    possible (the most confident mistakes, an even spread of the right ones). With `images`: those files,
-    in order (up to `n`)."""
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    images = images or None  # an empty list (a CLI option not given) means the val images
-    _cam_class(method)
-    layer_name, _ = resolve_layer(learn.model, layer)
-    names = _names(learn)
-    annotations = _val_annotations(learn)
-    if images is None:
-        # the first 50 per image shown are plenty to find mistakes in, and spare a pass over all 10,000
-        paths = [Path(p) for p in learn.dls.valid_ds.items][:50 * n]
-        if not paths:
-            raise DatasetError("the learner has no validation images to show")
-        probs, targs = learn.get_preds(dl=learn.dls.test_dl(paths, with_labels=True))
-        targs = targs.as_subclass(torch.Tensor).numpy()
-        correct = probs.argmax(1).numpy() == targs
-        losses = -np.log(probs[np.arange(len(probs)), targs].numpy().clip(1e-12))
-        idx = _pick(correct, losses, n)
-        paths, probs, labels = [paths[i] for i in idx], probs[idx], [int(targs[i]) for i in idx]
-    else:
-        from .predict import check_images  # here: predict.py builds on this module
-
-        paths = check_images(images)[:n]
-        labels = [_label_of(p, learn, annotations) for p in paths]
-    x, probs = inputs_and_probs(learn, paths) if images is not None else (_inputs(learn, paths), probs)
-    preds = probs.argmax(1).numpy()
-    cams = compute_cams(learn, x, targets=preds, method=method, layer=layer)
-    rgb = denormalise(x)
-    val_dir = _val_images_dir(learn)
-
-    cols = min(4, len(paths))
-    rows = int(np.ceil(len(paths) / cols))
-    fig, axes = plt.subplots(rows, 2 * cols, figsize=(2 * cols * 1.9, rows * 2.5 + 0.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for k, (path, image, cam, pred, label) in enumerate(zip(paths, rgb, cams, preds, labels)):
-        a_img, a_cam = axes[k // cols, 2 * (k % cols)], axes[k // cols, 2 * (k % cols) + 1]
-        box = _known_box(path, learn, annotations, val_dir)
-        box = _box_in_input(path, box, image.shape[:2]) if box is not None else None
-        overlay = cam_overlay(image, cam, min_side=128, box=box)
-        a_img.imshow(cv2.resize(image, overlay.shape[1::-1], interpolation=cv2.INTER_NEAREST))
-        a_cam.imshow(overlay)
-        p = float(probs[k, pred])
-        title = f"pred: {names[pred][:28]} ({p:.2f})"
-        colour = "black"
-        if label is not None:
-            title = f"true: {names[label][:28]}\n{title}"
-            colour = "tab:green" if label == pred else "tab:red"
-        else:
-            title = f"{path.name[:28]}\n{title}"
-        a_img.set_title(title, fontsize=9, color=colour, loc="left", x=0.0)
-    fig.suptitle(f"{method} on {layer_name}, for the predicted class"
-                 + ("  (green: right, red: wrong; white box: the annotated object)" if images is None else ""),
-                 fontsize=10)
-    fig.tight_layout(h_pad=1.0)
-    return fig
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Scoring
-# ---------------------------------------------------------------------------------------------------------
-def localisation_score(learn: Learner, method: str = "gradcam", limit: int | None = None,
-                       layer: str | nn.Module | None = None, batch_size: int = 64, align: bool = True) -> dict:
-    """How well the CAMs of the val images find the annotated object, for the TRUE class of each image (the
-    question is whether the evidence for the labelled object sits on the object, right or wrong as the
-    prediction may be).
-
-    pointing_game: share of images whose CAM peak lies inside the box; energy_in_box: mean share of the
-    CAM's mass inside the box (the CAM as `compute_cams` returns it: ReLU, aligned, min-max scaled).
-    A map with no idea where the object is scores the box's share of the image on both, on average:
-    `box_area_fraction` (= `pointing_baseline`) is that mean. An all-zero CAM (no positive evidence
-    anywhere) is counted as such a uniform map, and `n_empty` says how many there were. Boxes are in the
-    original image's pixels and are scaled to the model's input size."""
-    _cam_class(method)
-    layer_name, _ = resolve_layer(learn.model, layer)
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1, got {limit}")
-    root = getattr(learn.dls, "root", None)
-    if root is None:
-        raise DatasetError("the learner's DataLoaders have no dataset root (dls.root): the val boxes are needed")
-    annotations = read_val_annotations(root)
-    vocab = list(learn.dls.vocab)
-    paths = [Path(p) for p in learn.dls.valid_ds.items][:limit]
-    if not paths:
-        raise DatasetError("the learner has no validation images to score")
-    hits, energies, areas, empty = [], [], [], 0
-    for i in progress_bar(range(0, len(paths), batch_size), leave=False):
-        chunk = paths[i:i + batch_size]
-        x = _inputs(learn, chunk, bs=batch_size)
-        targets = [vocab.index(annotations[p.name][0]) for p in chunk]
-        cams = compute_cams(learn, x, targets=targets, method=method, layer=layer, batch_size=batch_size,
-                            align=align)
-        for path, cam in zip(chunk, cams):
-            x0, y0, x1, y1 = _box_in_input(path, annotations[path.name][1], cam.shape)
-            inside = np.zeros(cam.shape, bool)
-            inside[y0:y1 + 1, x0:x1 + 1] = True
-            area = inside.mean()
-            total = float(cam.sum())
-            if total <= 0:
-                empty += 1
-                hits.append(area)
-                energies.append(area)
-            else:
-                hits.append(float(inside.flat[int(cam.argmax())]))
-                energies.append(float(cam[inside].sum()) / total)
-            areas.append(area)
-    area = float(np.mean(areas))
-    return {"method": method, "layer": layer_name, "target": "true class", "aligned": align, "n": len(paths),
-            "pointing_game": float(np.mean(hits)), "energy_in_box": float(np.mean(energies)),
-            "box_area_fraction": area, "pointing_baseline": area, "n_empty": empty}
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Files
-# ---------------------------------------------------------------------------------------------------------
-def _file_slug(method: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "", method.lower().replace("+", "p"))
-
-
-def gradcam(learn: Learner, out_dir: Path | str, n: int = 16, methods: Sequence[str] | str = ("gradcam",),
-            layer: str | None = None, images: Sequence[Path | str] | None = None, score: bool = False,
-            limit: int | None = None) -> dict:
-    """Write `gradcam.png` (the first method's grid), `gradcam_<method>.png` for the others ("gradcam++" ->
-    `gradcam_gradcampp.png`), and with `score` the localisation scores of every method to `gradcam.json`.
-    Returns {"figures": {method: path}, "scores": {method: score dict} (with `score`), "json": path or None}."""
-    methods = [methods] if isinstance(methods, str) else list(methods)
-    if not methods:
-        raise ValueError(f"give at least one CAM method; choose from: {', '.join(CAM_METHODS)}")
-    for m in methods:  # every argument checked before the first (slow) figure
-        _cam_class(m)
-    resolve_layer(learn.model, layer)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    result = {"figures": {}, "scores": {}, "json": None}
-    for k, m in enumerate(dict.fromkeys(methods)):
-        fig = gradcam_grid(learn, n=n, method=m, layer=layer, images=images)
-        path = out / ("gradcam.png" if k == 0 else f"gradcam_{_file_slug(m)}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        result["figures"][m] = path
-        if score:
-            result["scores"][m] = localisation_score(learn, method=m, limit=limit, layer=layer)
-    if score:
-        result["json"] = out / "gradcam.json"
-        result["json"].write_text(json.dumps(result["scores"], indent=2) + "\n")
-    return result

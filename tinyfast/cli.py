@@ -243,7 +243,8 @@ def _logged(folder: Path, learn, quiet: bool):
 
 def _report(folder: Path):
     from tinyfast.report import write_report
-    if (folder / "config.json").exists():
+    from tinyfast.layout import CONFIG
+    if (folder / CONFIG).exists():
         typer.echo(f"report: {write_report(folder)}")
 
 
@@ -307,7 +308,7 @@ def gradcam(run_dir: Path = typer.Argument(..., help="a run folder written by fi
             quiet: bool = typer.Option(False, help="no progress bars (log.txt keeps what is printed)")):
     """Grad-CAM heat-maps of correct and wrong predictions, and how well they point at the object."""
     check_ranges(locals())
-    from tinyfast.cam import gradcam as gradcam_run
+    from tinyfast.cam_report import gradcam as gradcam_run
     learn = _load(run_dir, data, precision)
     with _logged(_out(run_dir, out), learn, quiet):
         res = run_safely(gradcam_run, learn, _out(run_dir, out), n=n, methods=method, layer=layer, images=images,

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from .layout import CONFIG, METRICS, save_figure
+
 REQUIRED_COLUMNS = ("epoch", "valid_loss", "accuracy", "elapsed")
 NUMERIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "top5", "time", "elapsed")
 FIXED_SETTINGS = ("schedule", "lr", "epochs", "bs")  # always in the table, so never repeated as "differing"
@@ -32,17 +34,17 @@ def read_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
     d = Path(run_dir)
     if not d.is_dir():
         raise ValueError(f"{d}: not a run folder (no such directory)")
-    missing = [f for f in ("config.json", "metrics.csv") if not (d / f).is_file()]
+    missing = [f for f in (CONFIG, METRICS) if not (d / f).is_file()]
     if missing:
         raise ValueError(f"{d}: not a run folder (no {' or '.join(missing)})")
     try:
-        config = json.loads((d / "config.json").read_text())
+        config = json.loads((d / CONFIG).read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{d}: config.json is not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(config, dict) or not isinstance(config.get("args", {}), dict):
         raise ValueError(f"{d}: config.json must be an object with an 'args' object")
     try:
-        metrics = pd.read_csv(d / "metrics.csv")
+        metrics = pd.read_csv(d / METRICS)
     except pd.errors.EmptyDataError:
         raise ValueError(f"{d}: metrics.csv is empty (not even a header)") from None
     except pd.errors.ParserError as e:
@@ -250,8 +252,7 @@ def write_comparison(run_dirs: Iterable[str | Path], out_dir: str | Path = "comp
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / "compare.png", "md": out / "compare.md", "csv": out / "compare.csv"}
-    fig.savefig(paths["png"], dpi=110)
-    plt.close(fig)
+    save_figure(fig, paths["png"])
     paths["md"].write_text(to_markdown(table, at))
     table.to_csv(paths["csv"], index=False)
     return {**paths, "table": table}

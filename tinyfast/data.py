@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,7 +39,8 @@ from PIL import Image
 
 import albumentations as alb  # after fastai: `from fastai.vision.all import *` would bind `A`
 
-from .dataset import DatasetError, read_val_annotations, read_wnids, resolve_dataset
+from .dataset import DatasetError, read_val_annotations, read_wnids, read_words, resolve_dataset
+from .layout import is_val  # the splitter; a learner.pkl written before 2026-12-02 finds it here, as tinyfast.data.is_val
 
 # Per-channel statistics of the TinyImageNet training set (RGB, 0-1 scale).
 TINY_MEAN = (0.4802, 0.4481, 0.3975)
@@ -138,6 +140,22 @@ def load_rgb(path: Path | str, size: int | None = None) -> np.ndarray:
     if size is not None and img.shape[:2] != (size, size):
         img = cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
     return img
+
+
+def check_images(paths: Sequence[Path | str] | Path | str) -> list[Path]:
+    """The paths as `Path`s, each an existing, decodable image file, or a DatasetError naming the first
+    one that is not. Decoding each file once here costs milliseconds and turns a failure deep inside a
+    DataLoader into one line."""
+    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not paths:
+        raise ValueError("no image paths given")
+    for p in paths:
+        if not p.exists():
+            raise DatasetError(f"no such image file: {p}")
+        if not p.is_file():
+            raise DatasetError(f"not a file: {p}")
+        load_rgb(p)  # DatasetError("cannot decode image <path>: ...") for a file that is not an image
+    return paths
 
 
 class DecodedImages:
@@ -264,14 +282,7 @@ class TinyLabel:
 
     def __call__(self, path: Path | str) -> str:
         path = Path(path)
-        if path.parent.parent.name == "val":
-            return self.val_wnids[path.name]
-        return path.parent.parent.name
-
-
-def is_val(path: Path | str) -> bool:
-    """The official split: `val/images/*` is validation, `train/*/images/*` training (never a random split)."""
-    return Path(path).parent.parent.name == "val"
+        return self.val_wnids[path.name] if is_val(path) else path.parent.parent.name
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -430,8 +441,6 @@ def tiny_imagenet_dls(path: Path | str | None = None, bs: int = 256, size: int =
     classes / train_per_class: a real subset (the first N classes, the first M training images of each).
     The vocab is the wnids in `wnids.txt` order; `dls.names` gives their human names from `words.txt`.
     progress: show the bar of the one-off decoding into the cache (`fit(quiet=True)` does not)."""
-    from .dataset import read_words
-
     root = resolve_dataset(path)
     device = torch.device(device) if device is not None else default_device()
     wnids, files, val_wnids = tiny_imagenet_files(root, classes, train_per_class)
@@ -445,3 +454,17 @@ def tiny_imagenet_dls(path: Path | str | None = None, bs: int = 256, size: int =
     dls.names = [words[w] for w in wnids]
     dls.root = root
     return dls
+
+
+def class_names(dls: DataLoaders) -> list[str]:
+    """The human names of `dls.vocab`, in its order: `dls.names` (set by `tiny_imagenet_dls` from words.txt),
+    else words.txt under `dls.root`, else the wnids themselves (a Learner built some other way)."""
+    vocab = [str(v) for v in dls.vocab]
+    names = getattr(dls, "names", None)
+    if names is not None and len(names) == len(vocab):
+        return list(names)
+    root = getattr(dls, "root", None)
+    if root is not None and Path(root).is_dir():
+        words = read_words(root, vocab)
+        return [words[w] for w in vocab]
+    return vocab

@@ -34,7 +34,7 @@ def run_demo(out: Path | str | None = None, data: Path | str = "data/demo", epoc
              classes: int = 10, bs: int = 32, precision: str = "auto", lr_iterations: int = 40,
              command: str | None = None, quiet: bool = False) -> dict:
     """Range test, fit_one_cycle, evaluate, interpret, Grad-CAM with its localisation score, report."""
-    from .cam import gradcam
+    from .cam_report import gradcam
     from .interpret import evaluate, interpret
     from .report import write_report
     from .train import fit

@@ -12,7 +12,6 @@ logits are within `TOLERANCE` of PyTorch's (fp32, CPU).
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import time
 import warnings
@@ -23,10 +22,11 @@ import torch
 
 from .data import TINY_MEAN, TINY_STD
 from .model import resnet18
-from .train import RunError, atomic_write_text
+from .layout import CONFIG, LEARNER, MODEL, MODEL_JSON, atomic_write, atomic_write_text
+from .train import RunError
 
 FORMATS = ("onnx", "torchscript")
-SUFFIX = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}
+SUFFIX = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # the run-folder name of each format
 TOLERANCE = 1e-4  # max abs difference of the logits, fp32
 
 
@@ -34,20 +34,19 @@ def run_model(run_dir: Path | str) -> tuple[torch.nn.Module, dict]:
     """The run's best weights in a plain fp32 eval-mode ResNet18 on the CPU, and the run's config."""
     run_dir = Path(run_dir)
     try:
-        config = json.loads((run_dir / "config.json").read_text())
+        config = json.loads((run_dir / CONFIG).read_text())
     except (OSError, ValueError):
         raise RunError(f"{run_dir} is not a run folder (no readable config.json): pass a folder written by "
                        f"`python main.py fit`") from None
-    if not (run_dir / "model.pth").exists():
+    if not (run_dir / MODEL).exists():
         raise RunError(f"{run_dir} has no model.pth yet (did its first epoch finish?)")
     model = resnet18(config["dataset"]["classes"], stem=config["args"]["stem"])
-    model.load_state_dict(torch.load(run_dir / "model.pth", map_location="cpu"))
+    model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu"))
     return model.float().eval(), config
 
 
 def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    def write(tmp: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's deprecation notices for TorchScript, the exporter's chatter
             if fmt == "torchscript":
@@ -56,9 +55,7 @@ def _write(fmt: str, model: torch.nn.Module, example: torch.Tensor, path: Path) 
                 torch.onnx.export(model, (example,), str(tmp), input_names=["input"], output_names=["logits"],
                                   dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
                                   external_data=False)  # one self-contained file (45 MB, far below protobuf's 2 GB)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, write)
 
 
 def _needs(*packages: str) -> None:
@@ -136,7 +133,7 @@ def export_run(run_dir: Path | str, fmt: str = "onnx", out: Path | str | None = 
     info = {"input": f"float32 N x 3 x {size} x {size}, RGB in [0, 1] normalised as (x - mean) / std",
             "mean": list(TINY_MEAN), "std": list(TINY_STD), "output": f"N x {config['dataset']['classes']} logits",
             "classes": _wnids(run_dir), "exported": {fmt: result}}
-    meta = run_dir / "model.json" if out is None else path.with_suffix(".json")
+    meta = run_dir / MODEL_JSON if out is None else path.with_suffix(".json")
     if meta.exists():  # keep what an export in the other format recorded
         info["exported"] = {**json.loads(meta.read_text()).get("exported", {}), fmt: result}
     atomic_write_text(meta, json.dumps(info, indent=2) + "\n")
@@ -145,9 +142,9 @@ def export_run(run_dir: Path | str, fmt: str = "onnx", out: Path | str | None = 
 
 def _wnids(run_dir: Path) -> list[str] | None:
     """The class order of the logits, from the run's learner.pkl (no dataset needed), if it has one."""
-    if not (run_dir / "learner.pkl").exists():
+    if not (run_dir / LEARNER).exists():
         return None
     from fastai.learner import load_learner
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return list(load_learner(run_dir / "learner.pkl").dls.vocab)
+        return list(load_learner(run_dir / LEARNER).dls.vocab)

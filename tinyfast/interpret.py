@@ -31,8 +31,10 @@ from matplotlib.colors import PowerNorm
 from matplotlib.figure import Figure
 
 from .calibration import calibration_summary
-from .data import load_rgb
-from .dataset import DatasetError, read_words
+from .data import class_names, load_rgb
+from .dataset import DatasetError
+from .layout import (CONFUSION, CONFUSION_FULL, EVALUATION, MOST_CONFUSED, PER_CLASS, TOP_LOSSES, relocate,
+                     save_figure)
 
 __all__ = [
     "ValPredictions", "FlipInput", "predict_valid", "evaluation_summary", "per_class_table", "confusion_matrix",
@@ -111,18 +113,6 @@ class FlipInput(Callback):
         self.learn.xb = (self.xb[0].flip(-1),) + tuple(self.xb[1:])
 
 
-def _class_names(learn: Learner) -> list[str]:
-    vocab = [str(v) for v in learn.dls.vocab]
-    names = getattr(learn.dls, "names", None)
-    if names is not None and len(names) == len(vocab):
-        return list(names)
-    root = getattr(learn.dls, "root", None)
-    if root is not None and Path(root).is_dir():
-        words = read_words(root, vocab)
-        return [words[w] for w in vocab]
-    return vocab
-
-
 def predict_valid(learn: Learner, tta: bool = False, dl=None) -> ValPredictions:
     """Predict `learn.dls.valid` (or a labelled `dl`, e.g. `dls.test_dl(paths, with_labels=True)`) once.
 
@@ -143,7 +133,7 @@ def predict_valid(learn: Learner, tta: bool = False, dl=None) -> ValPredictions:
     targets = torch.as_tensor(targets).long().flatten()
     losses = -logp.gather(1, targets[:, None]).squeeze(1)
     return ValPredictions(probs=logp.exp(), targets=targets, items=list(dl.items), vocab=[str(v) for v in learn.dls.vocab],
-                          names=_class_names(learn), losses=losses, tta=tta)
+                          names=class_names(learn.dls), losses=losses, tta=tta)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,18 +221,6 @@ def _short(name: str, width: int = 24) -> str:
     return name if len(name) <= width else name[: width - 1] + "…"
 
 
-def _relocate(item, root: Path | str | None) -> Path:
-    """An item path under another dataset root (a run evaluated on a moved copy of the data)."""
-    item = Path(item)
-    if root is None:
-        return item
-    parts = item.parts
-    for i in range(len(parts) - 1, -1, -1):
-        if parts[i] in ("val", "train", "test"):
-            return Path(root).joinpath(*parts[i:])
-    return Path(root) / item.name
-
-
 def plot_top_losses(p: ValPredictions, k: int = 16, root: Path | str | None = None, ncols: int = 4) -> Figure:
     """The k highest-loss images, each titled with the predicted class (red when wrong) and its probability,
     the actual class, and the loss. Images are drawn at their own resolution, blown up with nearest
@@ -261,7 +239,7 @@ def plot_top_losses(p: ValPredictions, k: int = 16, root: Path | str | None = No
         ax.axis("off")
     for ax, i, loss in zip(axes.flat, idx.tolist(), losses.tolist()):
         pred, targ = int(p.preds[i]), int(p.targets[i])
-        ax.imshow(load_rgb(_relocate(p.items[i], root)), interpolation="nearest")
+        ax.imshow(load_rgb(relocate(p.items[i], root)), interpolation="nearest")
         ax.set_title(f"pred: {_short(p.names[pred])} ({p.probs[i, pred]:.2f})\n"
                      f"actual: {_short(p.names[targ])}\nloss {loss:.2f}  ·  {Path(p.items[i]).name}",
                      fontsize=8.5, color="firebrick" if pred != targ else "black", linespacing=1.3)
@@ -358,14 +336,6 @@ def _out_dir(out_dir: Path | str) -> Path:
     return out
 
 
-def _save(fig: Figure, path: Path, dpi: int = 110) -> Path:
-    try:
-        fig.savefig(path, dpi=dpi)
-    finally:
-        plt.close(fig)
-    return path
-
-
 def evaluate(learn: Learner | None, out_dir: Path | str, tta: bool = False, temperature: bool = False,
              p: ValPredictions | None = None) -> dict:
     """Write `evaluation.json` (the summary, plus calibration: ECE, NLL and, with `temperature`, the fitted
@@ -376,8 +346,8 @@ def evaluate(learn: Learner | None, out_dir: Path | str, tta: bool = False, temp
     summary = evaluation_summary(p)
     calibration = calibration_summary(p.probs, p.targets, out_dir=out, temperature=temperature)
     summary.update({k: v for k, v in calibration.items() if k not in summary})  # "n" is in both
-    per_class_table(p).to_csv(out / "per_class.csv", index=False)
-    (out / "evaluation.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    per_class_table(p).to_csv(out / PER_CLASS, index=False)
+    (out / EVALUATION).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
     return summary
 
 
@@ -399,12 +369,12 @@ def interpret(learn: Learner | None, out_dir: Path | str, top: int = 16, pairs: 
     p = predict_valid(learn, tta=tta) if p is None else p
     cm = confusion_matrix(p)
     paths = {
-        "top_losses": _save(plot_top_losses(p, k=top, root=root), out / "top_losses.png"),
-        "confusion": _save(plot_confusion(p, n_pairs=pairs), out / "confusion.png"),
-        "confusion_full": _save(plot_full_confusion(p), out / "confusion_full.png"),
+        "top_losses": save_figure(plot_top_losses(p, k=top, root=root), out / TOP_LOSSES),
+        "confusion": save_figure(plot_confusion(p, n_pairs=pairs), out / CONFUSION),
+        "confusion_full": save_figure(plot_full_confusion(p), out / CONFUSION_FULL),
     }
     confused = most_confused(p, cm=cm)
-    confused.to_csv(out / "most_confused.csv", index=False)
-    paths["most_confused"] = out / "most_confused.csv"
+    confused.to_csv(out / MOST_CONFUSED, index=False)
+    paths["most_confused"] = out / MOST_CONFUSED
     return {**evaluation_summary(p), "paths": {k: str(v) for k, v in paths.items()},
             "most_confused": confused.head(pairs).to_dict("records")}

@@ -89,12 +89,13 @@ class FastDevice(Callback):
             self.learn.pred = to_float(self.pred)
 
     def after_loss(self):
-        self._exit()
+        self.close_autocast()
 
     def after_batch(self):
-        self._exit()  # also when the batch was cancelled before `after_loss`
+        self.close_autocast()  # also when the batch was cancelled before `after_loss`
 
-    def _exit(self):
+    def close_autocast(self):
+        """Leave an autocast context left open by a batch an exception cut short (fit's error paths call it)."""
         if self._ctx is not None:
             self._ctx.__exit__(None, None, None)
             self._ctx = None

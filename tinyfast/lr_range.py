@@ -59,6 +59,7 @@ from fastai.torch_core import to_float
 from matplotlib.figure import Figure
 
 from .data import tiny_imagenet_dls
+from .layout import LR_FIND_JSON, LR_FIND_PNG, atomic_write_text, save_figure
 from .learner import tiny_learner
 
 MODES = ("fastai", "smith")
@@ -462,14 +463,12 @@ def write_lr_range(result: LRRangeResult, out_dir: str | Path) -> dict:
     """lr_find.png and lr_find.json in `out_dir` (created if needed); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"png": out / "lr_find.png", "json": out / "lr_find.json"}
-    fig = plot_lr_range(result)
-    fig.savefig(paths["png"], dpi=110)
-    plt.close(fig)
+    paths = {"png": out / LR_FIND_PNG, "json": out / LR_FIND_JSON}
+    save_figure(plot_lr_range(result), paths["png"])
     payload = asdict(result)
     payload = {k: payload[k] for k in ("suggested_lr", "mode", "lrs", "losses", "suggestions", "reason", "warnings",
                                        "start_lr", "end_lr", "num_it")}
-    paths["json"].write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
     return paths
 
 

@@ -13,29 +13,25 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 from fastai.learner import Learner
 
-from .cam import CAM_METHODS, _names, cam_overlay, compute_cams, inputs_and_probs, resolve_layer
-from .data import load_rgb
-from .dataset import DatasetError
+from .cam import cam_class, cam_overlay, compute_cams, resolve_layer
+from .data import check_images, class_names, load_rgb
 
-__all__ = ["check_images", "predict_images", "save_cam_overlays"]
+__all__ = ["predict_images", "save_cam_overlays", "model_inputs", "inputs_and_probs"]
 
 
-def check_images(paths: Sequence[Path | str] | Path | str) -> list[Path]:
-    """The paths as `Path`s, each an existing, decodable image file, or a DatasetError naming the first
-    one that is not. Decoding each file once here costs milliseconds and turns a failure deep inside a
-    DataLoader into one line."""
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    if not paths:
-        raise ValueError("no image paths given")
-    for p in paths:
-        if not p.exists():
-            raise DatasetError(f"no such image file: {p}")
-        if not p.is_file():
-            raise DatasetError(f"not a file: {p}")
-        load_rgb(p)  # DatasetError("cannot decode image <path>: ...") for a file that is not an image
-    return paths
+def model_inputs(learn: Learner, paths: Sequence[Path], bs: int = 64) -> torch.Tensor:
+    """The model inputs for `paths` through the Learner's own test pipeline (resize, normalise), in order."""
+    dl = learn.dls.test_dl(list(paths), bs=bs)
+    return torch.cat([b[0].as_subclass(torch.Tensor).cpu() for b in dl]) if len(paths) else torch.zeros(0, 3, 1, 1)
+
+
+def inputs_and_probs(learn: Learner, paths: Sequence[Path]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model inputs for `paths` (as `model_inputs`) and the class probabilities, from one pass of `get_preds`."""
+    x, probs, _ = learn.get_preds(dl=learn.dls.test_dl(list(paths)), with_input=True)
+    return x.as_subclass(torch.Tensor).contiguous(), probs.float()
 
 
 def predict_images(learn: Learner, paths: Sequence[Path | str] | Path | str, topk: int = 5) -> list[dict]:
@@ -44,7 +40,7 @@ def predict_images(learn: Learner, paths: Sequence[Path | str] | Path | str, top
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
     paths = check_images(paths)
-    vocab, names = list(learn.dls.vocab), _names(learn)
+    vocab, names = list(learn.dls.vocab), class_names(learn.dls)
     _, probs = inputs_and_probs(learn, paths)
     values, idx = probs.topk(min(topk, probs.shape[1]), dim=1)
     return [{"path": str(p), "top": [(vocab[i], names[i], float(v)) for v, i in zip(vs.tolist(), ix.tolist())]}
@@ -57,11 +53,10 @@ def save_cam_overlays(learn: Learner, paths: Sequence[Path | str] | Path | str, 
     (the CAM is computed on the squished model input and stretched back to the image's own shape; small
     images enlarged to >= 256 px, big ones shrunk to <= 1024 px), captioned with the prediction.
     Returns the files written, in the order of `paths`."""
-    if method not in CAM_METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of: {', '.join(CAM_METHODS)}")
-    resolve_layer(learn.model, layer)  # a bad layer fails before any model work
+    cam_class(method)  # a bad method or layer fails before any model work
+    resolve_layer(learn.model, layer)
     paths = check_images(paths)
-    names = _names(learn)
+    names = class_names(learn.dls)
     x, probs = inputs_and_probs(learn, paths)
     top = probs.argmax(1).numpy()
     cams = compute_cams(learn, x, targets=top, method=method, layer=layer)

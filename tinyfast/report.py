@@ -9,6 +9,10 @@ import csv
 import json
 from pathlib import Path
 
+from .layout import (CONFIG, CONFUSION, CONFUSION_FULL, CURVES, EVALUATION, GRADCAM_JSON, LR_FIND_JSON, LR_FIND_PNG,
+                     METRICS, MOST_CONFUSED, PER_CLASS, RELIABILITY, REPORT, SCHEDULE, SUMMARY, TOP_LOSSES,
+                     gradcam_figure_name)
+
 
 def _json(path: Path) -> dict | None:
     try:
@@ -50,9 +54,9 @@ def _image(run_dir: Path, name: str, alt: str, missing: str) -> list[str]:
 
 def write_report(run_dir: Path | str) -> Path:
     run_dir = Path(run_dir)
-    cfg = _json(run_dir / "config.json") or {}
+    cfg = _json(run_dir / CONFIG) or {}
     args = cfg.get("args", {})
-    metrics = _csv_rows(run_dir / "metrics.csv", 10_000)
+    metrics = _csv_rows(run_dir / METRICS, 10_000)
     name = run_dir.name
     lines = [f"# Run `{name}`", ""]
     if cfg:
@@ -65,39 +69,37 @@ def write_report(run_dir: Path | str) -> Path:
         last = metrics[-1]
         lines += [f"**Best val top-1 {float(best['accuracy']):.4f}** (top-5 {float(best['top5']):.4f}) at epoch {best['epoch']}; "
                   f"last epoch {last['epoch']}: top-1 {float(last['accuracy']):.4f}; {float(last['elapsed']):.0f} s of training. "
-                  f"Per-epoch figures: [metrics.csv](metrics.csv); model: [summary.txt](summary.txt).", ""]
+                  f"Per-epoch figures: [{METRICS}]({METRICS}); model: [{SUMMARY}]({SUMMARY}).", ""]
     lines += ["## Training", ""]
-    lines += _image(run_dir, "curves.png", "loss and accuracy curves", "`python main.py fit`")
-    lines += _image(run_dir, "schedule.png", "learning rate and momentum applied", "`python main.py fit`")
+    lines += _image(run_dir, CURVES, "loss and accuracy curves", "`python main.py fit`")
+    lines += _image(run_dir, SCHEDULE, "learning rate and momentum applied", "`python main.py fit`")
     lines += ["## Learning-rate range test", ""]
-    lr = _json(run_dir / "lr_find.json")
+    lr = _json(run_dir / LR_FIND_JSON)
     if lr:
         lines += [f"Mode `{lr.get('mode')}`: suggested LR **{lr.get('suggested_lr'):.3g}** — {lr.get('reason', '')}", ""]
-    lines += _image(run_dir, "lr_find.png", "LR range test", "`python main.py find-lr --out RUN_DIR` or `fit --lr auto`")
+    lines += _image(run_dir, LR_FIND_PNG, "LR range test", "`python main.py find-lr --out RUN_DIR` or `fit --lr auto`")
     lines += ["## Evaluation", ""]
-    ev = _json(run_dir / "evaluation.json")
+    ev = _json(run_dir / EVALUATION)
     if ev:
         lines += _table([{k: v for k, v in ev.items() if not isinstance(v, (dict, list))}])
-        lines += ["Worst classes ([per_class.csv](per_class.csv)):", ""] + _table(_csv_rows(run_dir / "per_class.csv", 10))
+        lines += [f"Worst classes ([{PER_CLASS}]({PER_CLASS})):", ""] + _table(_csv_rows(run_dir / PER_CLASS, 10))
     else:
         lines += ["_not yet — `python main.py evaluate RUN_DIR`_", ""]
-    lines += _image(run_dir, "reliability.png", "reliability diagram", "`python main.py evaluate RUN_DIR`")
+    lines += _image(run_dir, RELIABILITY, "reliability diagram", "`python main.py evaluate RUN_DIR`")
     lines += ["## Top losses and confusions", ""]
-    lines += _image(run_dir, "top_losses.png", "top losses", "`python main.py interpret RUN_DIR`")
-    lines += _image(run_dir, "confusion.png", "confusion among the most confused classes", "`python main.py interpret RUN_DIR`")
-    if (run_dir / "most_confused.csv").exists():
-        lines += ["Most confused pairs ([most_confused.csv](most_confused.csv)):", ""] + _table(_csv_rows(run_dir / "most_confused.csv", 10))
-    if (run_dir / "confusion_full.png").exists():
-        lines += ["Full confusion matrix: [confusion_full.png](confusion_full.png)", ""]
+    lines += _image(run_dir, TOP_LOSSES, "top losses", "`python main.py interpret RUN_DIR`")
+    lines += _image(run_dir, CONFUSION, "confusion among the most confused classes", "`python main.py interpret RUN_DIR`")
+    if (run_dir / MOST_CONFUSED).exists():
+        lines += [f"Most confused pairs ([{MOST_CONFUSED}]({MOST_CONFUSED})):", ""] + _table(_csv_rows(run_dir / MOST_CONFUSED, 10))
+    if (run_dir / CONFUSION_FULL).exists():
+        lines += [f"Full confusion matrix: [{CONFUSION_FULL}]({CONFUSION_FULL})", ""]
     lines += ["## Where the model looks (Grad-CAM)", ""]
-    lines += _image(run_dir, "gradcam.png", "Grad-CAM", "`python main.py gradcam RUN_DIR`")
-    cam = _json(run_dir / "gradcam.json")
-    if cam:
-        scores = cam.get("scores", cam)
-        rows = list(scores.values()) if isinstance(scores, dict) else scores
-        rows = [r for r in rows if isinstance(r, dict)]
+    lines += _image(run_dir, gradcam_figure_name("gradcam", first=True), "Grad-CAM", "`python main.py gradcam RUN_DIR`")
+    cam = _json(run_dir / GRADCAM_JSON)
+    if cam:  # {method: its localisation scores}, as `tinyfast.cam_report.gradcam` writes it
+        rows = [r for r in cam.values() if isinstance(r, dict)]
         lines += ["Localisation against the val boxes (pointing game: the CAM's maximum inside the box; "
                   "energy: the CAM's mass inside the box; baseline: the box's share of the image):", ""] + _table(rows)
-    report = run_dir / "report.md"
+    report = run_dir / REPORT
     report.write_text("\n".join(lines) + "\n")
     return report

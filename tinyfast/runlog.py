@@ -11,7 +11,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterator, TextIO
 
-LOG_NAME = "log.txt"
+from .layout import LOG
+
+LOG_NAME = LOG
 BAR = re.compile(r"\|[█\-]*\|\s*\d+(\.\d+)?%\s*\[")  # fastprogress's console bar: |███---| 40.00% [2/5 ...]
 
 

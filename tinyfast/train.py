@@ -40,6 +40,8 @@ from .data import tiny_imagenet_dls
 from .distributed import (distributed_context, is_main_process, main_process_first, on_main,
                           setup_distributed, unwrap_model, world_size)
 from .learner import CompileModel, FastDevice, tiny_learner
+from .layout import (CHECKPOINT, CONFIG, CURVES, INTERRUPTED, LEARNER, METRICS, MODEL, SCHEDULE, SUMMARY, TTA,
+                     atomic_save, atomic_write_text, save_figure)
 from .runlog import run_log
 
 SCHEDULES = ("one-cycle", "plateau")
@@ -62,34 +64,8 @@ class RunInterrupted(RunError):
     pass
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Files, atomically
-# ---------------------------------------------------------------------------------------------------------
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_save(obj, path: Path) -> None:
-    """torch.save to a temporary name, then rename: a kill mid-save leaves the previous file intact."""
-    tmp = _tmp(path)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = _tmp(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def read_metrics(run_dir: Path | str) -> list[dict]:
-    with open(Path(run_dir) / "metrics.csv") as f:
+    with open(Path(run_dir) / METRICS) as f:
         return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
@@ -200,7 +176,7 @@ class RunLogger(Callback):
             return
         model, ema = unwrap_model(self.learn.model), getattr(self.learn, "ema", None)
         if improved:  # the weights that were validated: the EMA's when there is one
-            atomic_save(ema.averaged_state() if ema is not None else model.state_dict(), self.run_dir / "model.pth")
+            atomic_save(ema.averaged_state() if ema is not None else model.state_dict(), self.run_dir / MODEL)
         self.write_metrics()
         plateau = getattr(self.learn, "plateau", None)
         atomic_save(dict(model=model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch + 1,
@@ -209,12 +185,12 @@ class RunLogger(Callback):
                          torch_rng=torch.get_rng_state(), rows=self.rows, lrs=self.lrs, moms=self.moms,
                          lr=float(self.opt.hypers[-1]["lr"]),
                          plateau=(plateau.best, plateau.wait) if plateau is not None else None),
-                    self.run_dir / "checkpoint.pth")
+                    self.run_dir / CHECKPOINT)
 
     def write_metrics(self):
         lines = [",".join(METRIC_COLUMNS)] + [",".join(str(r.get(c, "nan")) for c in METRIC_COLUMNS)  # older rows
                                               for r in self.rows]
-        atomic_write_text(self.run_dir / "metrics.csv", "\n".join(lines) + "\n")
+        atomic_write_text(self.run_dir / METRICS, "\n".join(lines) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -251,15 +227,10 @@ def plot_schedule(lrs: list[float], moms: list[float]):
 
 
 def write_plots(run_dir: Path, logger: RunLogger) -> None:
-    import matplotlib.pyplot as plt
     if logger.rows:
-        fig = plot_curves(logger.rows)
-        fig.savefig(run_dir / "curves.png", dpi=100)
-        plt.close(fig)
+        save_figure(plot_curves(logger.rows), run_dir / CURVES, dpi=100)
     if logger.lrs:
-        fig = plot_schedule(logger.lrs, logger.moms)
-        fig.savefig(run_dir / "schedule.png", dpi=100)
-        plt.close(fig)
+        save_figure(plot_schedule(logger.lrs, logger.moms), run_dir / SCHEDULE, dpi=100)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -306,7 +277,7 @@ CHECKPOINT_KEYS = ("model", "opt", "epoch", "dl_rng", "py_rng", "np_rng", "torch
 def read_checkpoint(run_dir: Path) -> dict:
     """checkpoint.pth, or a one-line RunError saying what is wrong, what is still intact and what to do. Reading
     changes nothing in the folder."""
-    path = run_dir / "checkpoint.pth"
+    path = run_dir / CHECKPOINT
     try:
         start = torch.load(path, weights_only=False, map_location="cpu")
         missing = [k for k in CHECKPOINT_KEYS if k not in start] if isinstance(start, dict) else ["all"]
@@ -314,7 +285,7 @@ def read_checkpoint(run_dir: Path) -> dict:
             raise ValueError(f"it lacks {', '.join(missing)}")
     except Exception as e:
         intact = []
-        if (run_dir / "model.pth").exists():
+        if (run_dir / MODEL).exists():
             intact.append("model.pth (the best weights)")
         try:
             intact.append(f"metrics.csv ({len(read_metrics(run_dir))} epochs)")
@@ -415,13 +386,13 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
     start, resumed_with = None, None
     if resume:
         run_dir = Path(out) if out is not None else latest_run()
-        if not (run_dir / "checkpoint.pth").exists():
+        if not (run_dir / CHECKPOINT).exists():
             raise RunError(f"{run_dir} has no checkpoint.pth to resume from")
         try:
-            config = json.loads((run_dir / "config.json").read_text())
+            config = json.loads((run_dir / CONFIG).read_text())
             saved = config["args"]
         except (OSError, ValueError, KeyError) as e:
-            raise RunError(f"cannot resume: {run_dir / 'config.json'} is unreadable ({e.__class__.__name__}); "
+            raise RunError(f"cannot resume: {run_dir / CONFIG} is unreadable ({e.__class__.__name__}); "
                            f"nothing in {run_dir} was changed") from None
         start = read_checkpoint(run_dir)
         defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()}
@@ -433,7 +404,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
             config["args"] = args
             config.setdefault("resumed", []).append({"after_epoch": start["epoch"], "changed": applied,
                                                     "command": command})
-            on_main(atomic_write_text, run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+            on_main(atomic_write_text, run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
             resumed_with = "resuming with " + ", ".join(f"{k}={v} (saved: {saved.get(k)})" for k, v in applied.items())
     else:
         run_dir = on_main(new_run_dir, out)  # one folder, named by rank 0
@@ -454,14 +425,14 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         def start_run():  # rank 0 alone (on_main): it writes the files; the others take its LR
             with learn.no_bar():  # summary runs one batch through get_preds, which would draw an "Epoch 1/1" bar
                 summary = learn.summary()
-            (run_dir / "summary.txt").write_text(summary)
+            (run_dir / SUMMARY).write_text(summary)
             if not quiet:
                 print(summary)
             config = {"command": command, "args": dict(args),
                       "versions": versions(), "device": str(dls.device), "processes": processes,
                       "dataset": dataset_info(dls),
                       "started": datetime.now().isoformat(timespec="seconds")}
-            atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+            atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
             if a["lr"] != "auto":
                 return a["lr"]
             from .lr_range import lr_range_test, write_lr_range
@@ -469,7 +440,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
                                    n_val_batches=a.get("lr_val_batches", 2))
             write_lr_range(result, run_dir)
             config["args"]["lr_picked"] = result.suggested_lr
-            atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2) + "\n")
+            atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
             print(f"lr auto: {result.suggested_lr:.3g} ({result.reason}); curve in {run_dir / 'lr_find.png'}")
             return result.suggested_lr
 
@@ -508,7 +479,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         except KeyboardInterrupt:
             _cleanup(learn)
             if main:
-                atomic_save(unwrap_model(learn.model).state_dict(), run_dir / "interrupted.pth")
+                atomic_save(unwrap_model(learn.model).state_dict(), run_dir / INTERRUPTED)
                 write_plots(run_dir, logger)
             done = logger.rows[-1]["epoch"] if logger.rows else 0
             raise RunInterrupted(f"interrupted during epoch {done + 1}; checkpoint after epoch {done} is in {run_dir}: "
@@ -519,18 +490,18 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
                 write_plots(run_dir, logger)
             raise
         seconds = time.perf_counter() - t0
-        if (run_dir / "model.pth").exists():  # complete on every rank: distributed_context waits for rank 0
-            learn.model.load_state_dict(torch.load(run_dir / "model.pth"))
+        if (run_dir / MODEL).exists():  # complete on every rank: distributed_context waits for rank 0
+            learn.model.load_state_dict(torch.load(run_dir / MODEL))
         tta_scores = None
         if a.get("tta"):
             tta_scores = tta_accuracy(learn)
             if main:
-                atomic_write_text(run_dir / "tta.json", json.dumps({**tta_scores, "without_tta": logger.best}, indent=2) + "\n")
+                atomic_write_text(run_dir / TTA, json.dumps({**tta_scores, "without_tta": logger.best}, indent=2) + "\n")
                 if not quiet:
                     print(f"with TTA: top-1 {tta_scores['accuracy']:.4f} (without: {logger.best:.4f}), top-5 {tta_scores['top5']:.4f}")
         if main:
             write_plots(run_dir, logger)
-            learn.export("learner.pkl")
+            learn.export(LEARNER)
         if a.get("log") == "wandb" and main:
             import wandb
             wandb.finish()
@@ -632,17 +603,17 @@ def _cleanup(learn: Learner) -> None:
     """An exception skips fastai's after_fit: close a bf16 autocast left open mid-batch."""
     for cb in learn.cbs:
         if isinstance(cb, FastDevice):
-            cb._exit()
+            cb.close_autocast()
 
 
 def load_run(run_dir: Path | str, data: Path | str | None = None, bs: int | None = None,
              precision: str | None = None, num_workers: int | None = None) -> Learner:
     """A run folder back as a Learner (its best weights, its data settings, val set unaugmented order)."""
     run_dir = Path(run_dir)
-    cfg_file = run_dir / "config.json"
+    cfg_file = run_dir / CONFIG
     if not cfg_file.exists():
         raise RunError(f"{run_dir} is not a run folder (no config.json): pass a folder written by `python main.py fit`")
-    weights = run_dir / "model.pth"
+    weights = run_dir / MODEL
     if not weights.exists():
         raise RunError(f"{run_dir} has no model.pth yet (did its first epoch finish?)")
     cfg = json.loads(cfg_file.read_text())
