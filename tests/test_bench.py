@@ -9,7 +9,7 @@ import torch
 
 import albumentations as alb
 
-from tinyfast.bench import (HandWrittenDataset, bench_data, bench_train, format_bench_data, format_bench_train)
+from benchmarks.bench import (HandWrittenDataset, bench_data, bench_train, format_bench_data, format_bench_train)
 from tinyfast.data import TINY_MEAN, TINY_STD, tiny_imagenet_dls
 from tinyfast.learner import autocast_dtype
 from tinyfast.model import resnet18, training_flops_per_image
@@ -95,7 +95,7 @@ def test_bench_train_rejects_bad_arguments(kwargs, message):
 
 
 def test_bench_data_without_the_baseline_times_tinyfast_alone(tiny_root, monkeypatch):
-    import tinyfast.bench as bench
+    import benchmarks.bench as bench
     timed = []
     real = bench._images_per_second
     monkeypatch.setattr(bench, "_images_per_second", lambda loader, *a: timed.append(loader) or real(loader, *a))
@@ -122,7 +122,7 @@ def _one_image_loader(tiny_root, worker_init_fn):
 
 def test_plain_loop_workers_draw_their_own_augmentations(tiny_root):
     """Albumentations does not reseed in forked workers: unseeded, both workers would augment identically."""
-    from tinyfast.bench import _seed_worker_augmentation
+    from benchmarks.bench import _seed_worker_augmentation
 
     unseeded = [xb for xb, _ in _one_image_loader(tiny_root, None)]
     assert torch.equal(unseeded[0], unseeded[1])  # the trap itself: both workers copied one generator
@@ -133,7 +133,7 @@ def test_plain_loop_workers_draw_their_own_augmentations(tiny_root):
 
 
 def test_plain_loop_fit_trains_and_reports_every_epoch(tiny_root):
-    from tinyfast.bench import plain_loop_fit
+    from benchmarks.bench import plain_loop_fit
     from tinyfast.data import tiny_imagenet_files
 
     wnids, files, val_wnids = tiny_imagenet_files(tiny_root)

@@ -103,17 +103,20 @@ def command_line() -> str:
     return shlex.join(program + sys.argv[1:])
 
 
-def _benchmarks():
-    """`bench recipe` drives `benchmarks/` of the checkout, which is not part of the installed package."""
+def _benchmarks(module: str):
+    """The `bench` commands drive `benchmarks/` of the checkout (bench.py, recipe.py), which is not part of the
+    installed package: a user who imports tinyfast gets only what training and understanding a model need."""
+    import importlib
     checkout = Path(__file__).resolve().parents[1]
-    if (checkout / "benchmarks" / "recipe.py").exists() and str(checkout) not in sys.path:
+    if (checkout / "benchmarks" / f"{module}.py").exists() and str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))
     try:
-        import benchmarks.recipe as recipe
-    except ImportError:
-        fail("bench recipe --against classic runs benchmarks/recipe.py of a tinyfast checkout: run it from a "
-             "git clone (pip install -e .), not from an installed copy")
-    return recipe
+        return importlib.import_module(f"benchmarks.{module}")
+    except ImportError as e:
+        if getattr(e, "name", None) not in ("benchmarks", f"benchmarks.{module}"):
+            raise
+        fail(f"bench runs benchmarks/{module}.py of a tinyfast checkout: run it from a git clone "
+             f"(pip install -e .), not from an installed copy")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,11 +397,11 @@ def bench_data_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                    baseline: bool = typer.Option(True, help="also time the hand-written loader (--no-baseline: tinyfast's alone, e.g. to compare worker counts)")):
     """tinyfast's train loader against a hand-written torch Dataset + DataLoader, same files, same run."""
     check_ranges(locals())
-    from tinyfast.bench import bench_data, format_bench_data
-    res = run_safely(bench_data, data=data, bs=bs, size=size, num_workers=num_workers,
+    bench = _benchmarks("bench")
+    res = run_safely(bench.bench_data, data=data, bs=bs, size=size, num_workers=num_workers,
                      baseline_workers=baseline_workers, classes=classes, train_per_class=train_per_class, passes=passes,
                      naive=naive, baseline=baseline)
-    typer.echo(format_bench_data(res))
+    typer.echo(bench.format_bench_data(res))
 
 
 @bench_app.command("train")
@@ -416,11 +419,11 @@ def bench_train_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP + "
                     lr: float = typer.Option(0.01, help="learning rate of both loops")):
     """Training images/s of tinyfast's Learner next to a plain PyTorch fp32 loop (and, on a GPU, the FLOP bound)."""
     check_ranges(locals())
-    from tinyfast.bench import bench_train, format_bench_train
-    res = run_safely(bench_train, data=data, size=size, bs=bs, steps=steps, warmup=warmup, precision=precision.value,
+    bench = _benchmarks("bench")
+    res = run_safely(bench.bench_train, data=data, size=size, bs=bs, steps=steps, warmup=warmup, precision=precision.value,
                      channels_last=channels_last, stem=stem.value, num_workers=num_workers, classes=classes,
                      train_per_class=train_per_class, lr=lr)
-    typer.echo(format_bench_train(res))
+    typer.echo(bench.format_bench_train(res))
 
 
 
@@ -443,14 +446,14 @@ def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=DATA_H
     check_ranges(locals(), classes="[0, inf)", train_per_class="[0, inf)")
     subset = dict(classes=classes or None, train_per_class=train_per_class or None)
     if against == "plain":
-        from tinyfast.bench import bench_recipe, format_bench_recipe
-        rows = run_safely(bench_recipe, data=(data or [None])[0], size=size, bs=bs, epochs=epochs, lr=_float((lr or ["0.025"])[0], "--lr"),
+        bench = _benchmarks("bench")
+        rows = run_safely(bench.bench_recipe, data=(data or [None])[0], size=size, bs=bs, epochs=epochs, lr=_float((lr or ["0.025"])[0], "--lr"),
                           seeds=tuple(seed), precisions=tuple(precision), plain=plain, **subset)
-        typer.echo(format_bench_recipe(rows))
+        typer.echo(bench.format_bench_recipe(rows))
         return
     if against != "classic":
         fail(f"--against must be classic or plain, not {against!r}", 2)
-    recipe = _benchmarks()
+    recipe = _benchmarks("recipe")
     from tinyfast.dataset import resolve_dataset
     lrs = tuple(x if x == "auto" else _float(x, "--lr") for x in lr) if lr else recipe.LRS
     roots = [run_safely(resolve_dataset, d) for d in (data or [None])]

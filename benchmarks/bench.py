@@ -31,11 +31,11 @@ from torch import nn
 
 import albumentations as alb  # after fastai (see tinyfast.data)
 
-from .data import (TINY_MEAN, TINY_STD, TinyLabel, default_augmentation, file_stats_digest, is_val, tiny_imagenet_block,
+from tinyfast.data import (TINY_MEAN, TINY_STD, TinyLabel, default_augmentation, file_stats_digest, is_val, tiny_imagenet_block,
                    tiny_imagenet_dls, tiny_imagenet_files)
-from .dataset import DatasetError, resolve_dataset
-from .learner import autocast_dtype, tiny_learner
-from .model import resnet18, training_flops_per_image
+from tinyfast.dataset import DatasetError, resolve_dataset
+from tinyfast.learner import autocast_dtype, tiny_learner
+from tinyfast.model import resnet18, training_flops_per_image
 
 __all__ = ["HandWrittenDataset", "bench_data", "format_bench_data", "bench_train", "format_bench_train",
            "matmul_tflops"]
@@ -317,7 +317,7 @@ def bench_train(data: Path | str | None = None, size: int = 64, bs: int = 64, st
 
     with tempfile.TemporaryDirectory(prefix="tinyfast-bench-") as tmp:
         if data is None:
-            from .synthetic import make_tiny_imagenet
+            from tinyfast.synthetic import make_tiny_imagenet
             per_class = min(SYNTHETIC_MAX_PER_CLASS, math.ceil(bs * (warmup + steps) / SYNTHETIC_CLASSES))
             data = make_tiny_imagenet(tmp, n_classes=SYNTHETIC_CLASSES, n_train=max(per_class, 1), n_val=1,
                                       n_test=0, size=64, seed=0)
@@ -426,7 +426,7 @@ def bench_recipe(data: Path | str | None = None, classes: int = 10, train_per_cl
                  precisions: tuple[str, ...] = ("auto", "fp32"), plain: bool = True) -> list[dict]:
     """Does tinyfast learn a real subset at least as well as a plain PyTorch loop of the same recipe, and does
     bf16 reach fp32's accuracy? One row per (trainer, precision, seed): best and final val top-1, seconds."""
-    from .train import fit, read_metrics
+    from tinyfast.train import fit, read_metrics
 
     root = resolve_dataset(data)
     wnids, files, val_wnids = tiny_imagenet_files(root, classes, train_per_class)
