@@ -141,7 +141,7 @@ def test_split_halves_are_disjoint_cover_all_and_are_seeded():
 def test_summary_fits_on_one_half_and_reports_on_the_other(tmp_path):
     z, t = calibrated_logits()
     probs = F.softmax(z * 3, 1)
-    s = calibration_summary(probs, t, out_dir=tmp_path, temperature=True, seed=5)
+    s = calibration_summary(probs, t, out=tmp_path, temperature=True, seed=5)
     assert s["n_bins"] == 15 and s["n"] == len(t)
     assert s["ece"] == pytest.approx(expected_calibration_error(probs, t))
     assert s["nll"] == pytest.approx(negative_log_likelihood(probs, t))
@@ -159,7 +159,7 @@ def test_summary_fits_on_one_half_and_reports_on_the_other(tmp_path):
 
 def test_summary_without_temperature_writes_one_plot(tmp_path):
     probs, targets = predictions_with_confidence(np.full(100, 0.99), np.arange(100) < 60)
-    s = calibration_summary(probs, targets, out_dir=tmp_path / "new")
+    s = calibration_summary(probs, targets, out=tmp_path / "new")
     assert set(s) == {"ece", "nll", "n_bins", "n"}
     assert s["ece"] == pytest.approx(0.39)
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["reliability.png"]

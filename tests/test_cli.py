@@ -82,12 +82,12 @@ OUT_OF_RANGE = [
     ("fit", "--label-smoothing", "1.5", "in [0, 1)"), ("fit", "--patience", "-1", ">= 0"),
     ("fit", "--factor", "1", "> 1"), ("fit", "--num-workers", "-2", ">= 0"), ("fit", "--classes", "0", ">= 1"),
     ("fit", "--train-per-class", "0", ">= 1"), ("fit", "--seed", "-1", "in [0, 4294967295]"),
-    ("fit", "--lr-iterations", "1", ">= 2"), ("fit", "--ema", "1", "in [0, 1)"), ("fit", "--mixup", "-0.4", ">= 0"),
+    ("fit", "--lr-num-it", "1", ">= 2"), ("fit", "--ema", "1", "in [0, 1)"), ("fit", "--mixup", "-0.4", ">= 0"),
     ("fit", "--cutmix", "-1", ">= 0"), ("fit", "--progressive", "-8", ">= 0"),
     ("find-lr", "--bs", "0", ">= 1"), ("find-lr", "--num-it", "1", ">= 2"), ("find-lr", "--start-lr", "0", "> 0"),
     ("find-lr", "--end-lr", "-1", "> 0"), ("find-lr", "--size", "4", ">= 8"), ("find-lr", "--classes", "0", ">= 1"),
     ("find-lr", "--train-per-class", "0", ">= 1"),
-    ("interpret RUN", "--top", "0", ">= 1"), ("interpret RUN", "--pairs", "0", ">= 1"),
+    ("interpret RUN", "--top-losses", "0", ">= 1"), ("interpret RUN", "--pairs", "0", ">= 1"),
     ("gradcam RUN", "--n", "0", ">= 1"), ("gradcam RUN", "--limit", "0", ">= 1"),
     ("predict RUN IMG", "--topk", "0", ">= 1"), ("compare RUN", "--at", "1.5", "in (0, 1]"),
     ("demo", "--epochs", "0", ">= 1"), ("demo", "--size", "8", ">= 16"), ("demo", "--classes", "1", "in [2, 256]"),
@@ -109,6 +109,15 @@ def test_a_numeric_flag_out_of_range_is_one_line_naming_it(cmd, flag, value, all
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("cmd, old, new", [("interpret RUN", "--top", "--top-losses"),
+                                           ("fit", "--lr-iterations", "--lr-num-it")])
+def test_a_renamed_flag_still_works_under_its_old_name(cmd, old, new, tmp_path, monkeypatch):
+    # renamed on 2026-12-02 to the API's names (interpret(top_losses=), fit(lr_num_it=)); the old ones stay
+    monkeypatch.chdir(tmp_path)
+    res = runner.invoke(app, cmd.split() + [old, "0"])
+    assert res.exit_code == 2 and f"{new} must be" in plain(res.output), res.output
+
+
 def test_every_numeric_flag_has_a_range():
     """A new numeric flag without an entry in RANGES would be unchecked: the table must grow with the CLI."""
     import typing
@@ -124,16 +133,22 @@ def test_every_numeric_flag_has_a_range():
 
 
 def test_the_cli_choices_are_the_packages():
-    """The CLI's enums are spelled out so that `--help` need not import torch; they must match the package."""
-    from tinyfast.learner import PRECISIONS
-    from tinyfast.lr_range import MODES
-    from tinyfast.model import STEMS
-    from tinyfast.train import SCHEDULES, TRACKERS
-    from tinyfast.export import FORMATS
+    """One tuple per set of choices (tinyfast.choices): the modules check against it, the CLI's enums are made
+    from it, and importing the CLI imports no torch (`--help` is instant)."""
+    import subprocess
+    import sys
+    from tinyfast import choices, export, learner, lr_range, model, train
+    from tinyfast.cam import CAM_METHODS
     from tinyfast.cli import ExportFormat, Mode, Precision, Schedule, Stem, Tracker
-    for enum, values in [(Schedule, SCHEDULES), (Precision, PRECISIONS), (Stem, STEMS), (Mode, MODES),
-                         (Tracker, TRACKERS), (ExportFormat, FORMATS)]:
-        assert tuple(e.value for e in enum) == tuple(values), enum
+    assert train.SCHEDULES is choices.SCHEDULES and train.TRACKERS is choices.TRACKERS
+    assert learner.PRECISIONS is choices.PRECISIONS and model.STEMS is choices.STEMS
+    assert lr_range.MODES is choices.MODES and export.FORMATS is choices.FORMATS
+    assert tuple(CAM_METHODS) == choices.CAM_METHOD_NAMES
+    for enum, values in [(Schedule, choices.SCHEDULES), (Precision, choices.PRECISIONS), (Stem, choices.STEMS),
+                         (Mode, choices.MODES), (Tracker, choices.TRACKERS), (ExportFormat, choices.FORMATS)]:
+        assert tuple(e.value for e in enum) == values, enum
+    probe = "import sys, tinyfast.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"
 
 
 def test_a_missing_tracker_package_is_one_line_before_any_folder(tmp_path, monkeypatch):

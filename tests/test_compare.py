@@ -203,7 +203,7 @@ def test_different_datasets_warn_once_and_still_compare(tmp_path):
 
 
 def test_write_comparison_writes_png_md_csv(runs, tmp_path):
-    out = write_comparison(runs, out_dir=tmp_path / "compare", at=0.5)
+    out = write_comparison(runs, out=tmp_path / "compare", at=0.5)
     assert out["png"].read_bytes()[:8] == PNG_MAGIC
     csv_table = pd.read_csv(out["csv"])
     assert csv_table["run"].tolist() == ["base", "high_lr", "step"]

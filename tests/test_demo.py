@@ -8,7 +8,7 @@ from tinyfast.demo import run_demo
 
 def test_demo_with_tiny_settings_writes_every_output(tmp_path):
     res = run_demo(out=tmp_path / "run", data=tmp_path / "data", classes=3, epochs=1, size=16, bs=32,
-                   lr_iterations=12, quiet=True)
+                   lr_num_it=12, quiet=True)
     run = res["run_dir"]
     for name in ("config.json", "metrics.csv", "model.pth", "learner.pkl", "lr_find.png", "lr_find.json",
                  "curves.png", "schedule.png", "evaluation.json", "per_class.csv", "reliability.png",

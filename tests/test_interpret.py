@@ -205,7 +205,7 @@ def test_calibration_is_merged_into_evaluation_json(learn, preds, tmp_path):
 
 
 def test_interpret_writes_legible_figures(learn, preds, tmp_path):
-    result = interpret(learn, tmp_path, top=8, p=preds)
+    result = interpret(learn, tmp_path, top_losses=8, p=preds)
     for name, min_side in [("top_losses.png", 400), ("confusion.png", 300), ("confusion_full.png", 500)]:
         path = tmp_path / name
         assert Path(result["paths"][path.stem]) == path

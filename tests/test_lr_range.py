@@ -63,7 +63,7 @@ def fastai_run(dls, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smith_run(dls, tmp_path_factory):
-    return fresh_run(dls, tmp_path_factory.mktemp("smith_learner"), mode="smith", num_it=SMITH_IT, n_val_batches=2)
+    return fresh_run(dls, tmp_path_factory.mktemp("smith_learner"), mode="smith", num_it=SMITH_IT, val_batches=2)
 
 
 @pytest.fixture(scope="module")
@@ -156,7 +156,7 @@ def test_smith_zooms_in_when_the_sweep_diverges_early(dls, tmp_path):
     The test sweeps again, from the same state, up to the LR where it diverged, and says so."""
     learn = small_learner(dls, path=tmp_path)
     before = snapshot(learn)
-    r = quiet_test(learn, mode="smith", num_it=SMITH_IT, end_lr=100.0, n_val_batches=2)
+    r = quiet_test(learn, mode="smith", num_it=SMITH_IT, end_lr=100.0, val_batches=2)
     assert "swept again" in r.reason and "diverged at" in r.reason
     assert r.end_lr < 100 and len(r.lrs) >= 6
     assert np.allclose(r.lrs, np.linspace(r.start_lr, r.end_lr, SMITH_IT)[:len(r.lrs)])   # the new sweep, linear
@@ -283,7 +283,7 @@ def test_smith_rule_takes_the_first_climb_not_the_climb_after_a_later_minimum():
 def test_bad_arguments(dls):
     learn = small_learner(dls)
     for kwargs in [dict(mode="other"), dict(start_lr=1.0, end_lr=0.1), dict(start_lr=-1.0), dict(num_it=1),
-                   dict(end_lr=float("nan")), dict(mode="smith", n_val_batches=0)]:
+                   dict(end_lr=float("nan")), dict(mode="smith", val_batches=0)]:
         with pytest.raises(ValueError):
             lr_range_test(learn, **kwargs)
 
@@ -341,4 +341,4 @@ def test_find_lr_and_fit_lr_auto_share_their_defaults():
     f, g = inspect.signature(find_lr).parameters, inspect.signature(fit).parameters
     assert f["mode"].default == g["lr_mode"].default == "smith"
     assert f["val_batches"].default == g["lr_val_batches"].default
-    assert f["num_it"].default == g["lr_iterations"].default
+    assert f["num_it"].default == g["lr_num_it"].default

@@ -37,7 +37,7 @@ def test_fit_interpret_and_their_quiet_flag_write_log_txt(tiny_root, tmp_path):
     assert res.output.strip().startswith("best val accuracy") and len(res.output.strip().splitlines()) == 1
     log = (run / "log.txt").read_text()
     assert log.startswith("[") and "best val accuracy" in log  # a timestamped header (the command), then the lines
-    res = runner.invoke(app, ["interpret", str(run), "--top", "4", "--pairs", "3"])
+    res = runner.invoke(app, ["interpret", str(run), "--top-losses", "4", "--pairs", "3"])
     assert res.exit_code == 0, res.output
     assert "val top-1" in res.output and "most confused" in res.output and "most_confused.csv" in res.output
     log = (run / "log.txt").read_text()

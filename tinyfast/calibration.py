@@ -211,30 +211,30 @@ def plot_reliability(probs, targets, n_bins: int = N_BINS, title: str | None = N
     return fig
 
 
-def calibration_summary(probs, targets, out_dir: str | Path | None = None, temperature: bool = False,
+def calibration_summary(probs, targets, out: str | Path | None = None, temperature: bool = False,
                         seed: int = 0, n_bins: int = N_BINS) -> dict:
     """ECE and NLL of these predictions; with `temperature=True`, also the effect of temperature scaling,
     fitted on one random half of the images and measured on the other half only.
 
     Returns {"ece", "nll", "n_bins", "n"} (all images, nothing fitted) plus, with temperature, {"temperature",
     "ece_before", "nll_before", "ece_after", "nll_after", "n_fit", "n_report"} (before/after both on the report
-    half). With `out_dir`, writes reliability.png (and reliability_temperature.png: report half, after scaling)."""
+    half). With `out`, writes reliability.png (and reliability_temperature.png: report half, after scaling)."""
     p, t = _check(probs, targets)
     n_bins = _check_bins(n_bins)
-    out: dict = {"ece": expected_calibration_error(p, t, n_bins), "nll": negative_log_likelihood(p, t),
+    summary: dict = {"ece": expected_calibration_error(p, t, n_bins), "nll": negative_log_likelihood(p, t),
                  "n_bins": n_bins, "n": len(t)}
-    out_dir = None if out_dir is None else Path(out_dir)
+    out_dir = None if out is None else Path(out)
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_figure(plot_reliability(p, t, n_bins, title="Reliability (all validation images)"),
                     out_dir / RELIABILITY, dpi=120)
     if not temperature:
-        return out
+        return summary
 
     fit, rep = split_halves(len(t), seed)
     temp = fit_temperature(p[fit], t[fit], kind="probs")
     after = apply_temperature(p[rep], temp, kind="probs")
-    out.update(temperature=temp,
+    summary.update(temperature=temp,
                ece_before=expected_calibration_error(p[rep], t[rep], n_bins),
                nll_before=negative_log_likelihood(p[rep], t[rep]),
                ece_after=expected_calibration_error(after, t[rep], n_bins),
@@ -242,6 +242,6 @@ def calibration_summary(probs, targets, out_dir: str | Path | None = None, tempe
                n_fit=len(fit), n_report=len(rep))
     if out_dir is not None:
         title = (f"After temperature scaling, T={temp:.2f}\nfitted on {len(fit)} images, shown on the other "
-                 f"{len(rep)} (ECE before: {out['ece_before']:.3f})")
+                 f"{len(rep)} (ECE before: {summary['ece_before']:.3f})")
         save_figure(plot_reliability(after, t[rep], n_bins, title=title), out_dir / RELIABILITY_TEMPERATURE, dpi=120)
-    return out
+    return summary

@@ -37,22 +37,23 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
+from .choices import CAM_METHOD_NAMES
 from .data import TINY_MEAN, TINY_STD
 from .learner import FastDevice, autocast_dtype
 
 __all__ = ["CAM_METHODS", "cam_class", "resolve_layer", "as_input", "align_cams", "compute_cams", "denormalise",
            "cam_overlay"]
 
-CAM_METHODS = {
-    "gradcam": GradCAM,            # channel weights = spatial mean of the gradients (Selvaraju et al. 2017)
-    "gradcam++": GradCAMPlusPlus,  # weights from higher-order gradient terms: several objects, sharper maps
-    "xgradcam": XGradCAM,          # gradients weighted by the normalised activations
-    "hirescam": HiResCAM,          # element-wise gradient x activation: faithful to the model's computation
-    "layercam": LayerCAM,          # element-wise positive gradients: finer maps, works on earlier layers too
-    "eigencam": EigenCAM,          # first principal component of the activations: class-agnostic, no gradients
-    "scorecam": ScoreCAM,          # weights from the score of the input masked by each channel: no gradients,
-                                   # one forward pass per channel and image (512 at layer4): slow on a CPU
-}
+CAM_METHODS = dict(zip(CAM_METHOD_NAMES, (
+    GradCAM,          # gradcam: channel weights = spatial mean of the gradients (Selvaraju et al. 2017)
+    GradCAMPlusPlus,  # gradcam++: weights from higher-order gradient terms: several objects, sharper maps
+    XGradCAM,         # xgradcam: gradients weighted by the normalised activations
+    HiResCAM,         # hirescam: element-wise gradient x activation: faithful to the model's computation
+    LayerCAM,         # layercam: element-wise positive gradients: finer maps, works on earlier layers too
+    EigenCAM,         # eigencam: first principal component of the activations: class-agnostic, no gradients
+    ScoreCAM,         # scorecam: weights from the score of the input masked by each channel: no gradients,
+                      # one forward pass per channel and image (512 at layer4): slow on a CPU
+), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def localisation_score(learn: Learner, method: str = "gradcam", limit: int | Non
 # ---------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------
-def gradcam(learn: Learner, out_dir: Path | str, n: int = 16, methods: Sequence[str] | str = ("gradcam",),
+def gradcam(learn: Learner, out: Path | str, n: int = 16, methods: Sequence[str] | str = ("gradcam",),
             layer: str | None = None, images: Sequence[Path | str] | None = None, score: bool = False,
             limit: int | None = None) -> dict:
     """Write `gradcam.png` (the first method's grid), `gradcam_<method>.png` for the others ("gradcam++" ->
@@ -204,7 +204,7 @@ def gradcam(learn: Learner, out_dir: Path | str, n: int = 16, methods: Sequence[
     for m in methods:  # every argument checked before the first (slow) figure
         cam_class(m)
     resolve_layer(learn.model, layer)
-    out = Path(out_dir)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"figures": {}, "scores": {}, "json": None}
     for k, m in enumerate(dict.fromkeys(methods)):

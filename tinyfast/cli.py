@@ -15,6 +15,8 @@ from typing import List, Optional
 
 import typer
 
+from tinyfast.choices import CAM_METHOD_NAMES, FORMATS, MODES, PRECISIONS, SCHEDULES, STEMS, TRACKERS
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and understand a ResNet18 on TinyImageNet with fastai.")
 bench_app = typer.Typer(no_args_is_help=True, help="Measure the data loader or the training step (run on purpose, not in tests).")
@@ -23,18 +25,17 @@ app.add_typer(bench_app, name="bench")
 DATA_HELP = "a tiny-imagenet-200 folder or its zip [default: $TINYFAST_DATA or data/tiny-imagenet-200]"
 
 
-def _choices(name: str, *values: str) -> type[Enum]:
-    """A typer choice. The values are the package's tuples (SCHEDULES, PRECISIONS, STEMS, MODES, TRACKERS,
-    FORMATS), spelled here so that `--help` need not import torch; a test keeps the two equal."""
+def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
+    """A typer choice made from one of the package's tuples (tinyfast.choices, which imports nothing)."""
     return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
 
-Schedule = _choices("Schedule", "one-cycle", "plateau")
-Precision = _choices("Precision", "auto", "bf16", "fp32")
-Stem = _choices("Stem", "cifar", "imagenet")
-Mode = _choices("Mode", "fastai", "smith")
-Tracker = _choices("Tracker", "csv", "tensorboard", "wandb")
-ExportFormat = _choices("ExportFormat", "onnx", "torchscript")
+Schedule = _choices("Schedule", SCHEDULES)
+Precision = _choices("Precision", PRECISIONS)
+Stem = _choices("Stem", STEMS)
+Mode = _choices("Mode", MODES)
+Tracker = _choices("Tracker", TRACKERS)
+ExportFormat = _choices("ExportFormat", FORMATS)
 
 
 # The allowed range of every numeric flag, checked before any work (`check_ranges`): "[1, inf)" is >= 1, "(0, 1]"
@@ -43,9 +44,9 @@ RANGES = {
     "epochs": "[1, inf)", "bs": "[1, inf)", "size": "[8, inf)", "lr": "(0, inf)", "wd": "[0, inf)",
     "mom": "[0, 1)", "label_smoothing": "[0, 1)", "patience": "[0, inf)", "factor": "(1, inf)",
     "seed": "[0, 4294967295]", "num_workers": "[0, inf)", "baseline_workers": "[0, inf)", "classes": "[1, inf)",
-    "train_per_class": "[1, inf)", "lr_iterations": "[2, inf)", "num_it": "[2, inf)", "start_lr": "(0, inf)",
+    "train_per_class": "[1, inf)", "lr_num_it": "[2, inf)", "num_it": "[2, inf)", "start_lr": "(0, inf)",
     "end_lr": "(0, inf)", "ema": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "progressive": "[0, inf)",
-    "top": "[1, inf)", "pairs": "[1, inf)", "n": "[1, inf)", "limit": "[1, inf)", "topk": "[1, inf)",
+    "top_losses": "[1, inf)", "pairs": "[1, inf)", "n": "[1, inf)", "limit": "[1, inf)", "topk": "[1, inf)",
     "at": "(0, 1]", "passes": "[1, inf)", "steps": "[1, inf)", "warmup": "[0, inf)", "batch": "[1, inf)",
     "lr_val_batches": "[1, inf)", "val_batches": "[1, inf)",
 }
@@ -145,16 +146,16 @@ def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=D
             resume: bool = typer.Option(False, help="continue the run in --out (or the newest under runs/) from its checkpoint"),
             seed: int = typer.Option(42, help="random seed"),
             precision: Precision = typer.Option(Precision.auto, help="auto: bf16 autocast where the device computes bf16 natively"),
-            num_workers: Optional[int] = typer.Option(None, help="DataLoader workers [default: 0 on CPU, 8 on GPU]"),
+            num_workers: Optional[int] = typer.Option(None, help="DataLoader workers [default: 0 on CPU; on a GPU min(8, CPU cores)]"),
             monitor: str = typer.Option("valid_loss", help="plateau: the value watched"),
             patience: int = typer.Option(2, help="plateau: epochs without improvement before the LR drops"),
             factor: float = typer.Option(5.0, help="plateau: the LR is divided by this"),
             classes: Optional[int] = typer.Option(None, help="train on the first N classes only (a real subset)"),
             train_per_class: Optional[int] = typer.Option(None, help="use the first M training images of each class"),
             aug: bool = typer.Option(True, help="the default Albumentations policy on the training split"),
-            lr_mode: Mode = typer.Option(Mode.smith, help="--lr auto: which LR range test picks the LR (fastai's valley suits Adam, not SGD)"),
-            lr_iterations: int = typer.Option(100, help="--lr auto: iterations of the LR range test"),
-            lr_val_batches: int = typer.Option(2, help="--lr auto (smith): validation batches measured after each step"),
+            lr_mode: Mode = typer.Option(Mode.smith, help="--lr auto: which LR range test picks the LR (find-lr --mode; fastai's valley suits Adam, not SGD)"),
+            lr_num_it: int = typer.Option(100, "--lr-num-it", "--lr-iterations", help="--lr auto: iterations of the LR range test (find-lr --num-it)"),
+            lr_val_batches: int = typer.Option(2, help="--lr auto (smith): validation batches measured after each step (find-lr --val-batches)"),
             ema: float = typer.Option(0.0, help="EMA of the weights with this decay (0.999 is usual; 0: off): validated and saved as model.pth"),
             mixup: float = typer.Option(0.0, help="fastai's MixUp with this Beta alpha (0.4 is usual; 0: off)"),
             cutmix: float = typer.Option(0.0, help="fastai's CutMix with this Beta alpha (1.0 is usual; 0: off)"),
@@ -171,7 +172,7 @@ def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=D
                         label_smoothing=label_smoothing, size=size, stem=stem.value, out=out, resume=resume, seed=seed,
                         precision=precision.value, num_workers=num_workers, monitor=monitor, patience=patience,
                         factor=factor, classes=classes, train_per_class=train_per_class, aug=aug,
-                        lr_mode=lr_mode.value, lr_iterations=lr_iterations, lr_val_batches=lr_val_batches,
+                        lr_mode=lr_mode.value, lr_num_it=lr_num_it, lr_val_batches=lr_val_batches,
                         ema=ema, mixup=mixup, cutmix=cutmix,
                         progressive=progressive, tta=tta, log=log.value, command=command_line(),
                         compile=compile, changed=given_flags(ctx), quiet=quiet)
@@ -277,7 +278,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="a run folder written by f
 @app.command()
 def interpret(run_dir: Path = typer.Argument(..., help="a run folder written by fit"),
               data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
-              top: int = typer.Option(16, help="how many top-loss images to show"),
+              top_losses: int = typer.Option(16, "--top-losses", "--top", help="how many top-loss images to show"),
               pairs: int = typer.Option(10, help="most-confused pairs whose classes make up confusion.png"),
               out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR]"),
               precision: Optional[Precision] = typer.Option(None, help="[default: the run's]"),
@@ -287,7 +288,7 @@ def interpret(run_dir: Path = typer.Argument(..., help="a run folder written by 
     from tinyfast.interpret import interpret as interpret_run
     learn = _load(run_dir, data, precision)
     with _logged(_out(run_dir, out), learn, quiet):
-        res = run_safely(interpret_run, learn, _out(run_dir, out), top=top, pairs=pairs)
+        res = run_safely(interpret_run, learn, _out(run_dir, out), top_losses=top_losses, pairs=pairs)
         typer.echo(f"val top-1 {res['accuracy']:.4f}  top-5 {res['top5']:.4f}  errors {res['errors']} of {res['n']}")
         typer.echo("most confused (actual -> predicted, count):")
         for row in res["most_confused"][:5]:
@@ -301,7 +302,7 @@ def interpret(run_dir: Path = typer.Argument(..., help="a run folder written by 
 def gradcam(run_dir: Path = typer.Argument(..., help="a run folder written by fit"),
             data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
             n: int = typer.Option(16, help="images in the grid (half correct, half wrong where possible)"),
-            method: List[str] = typer.Option(["gradcam"], help="gradcam, gradcam++, eigencam, scorecam, layercam, xgradcam, hirescam; repeat for several"),
+            methods: List[str] = typer.Option(["gradcam"], "--methods", "--method", help=f"{', '.join(CAM_METHOD_NAMES)}; repeat for several"),
             layer: Optional[str] = typer.Option(None, help="target module, e.g. layer3 or layer4.1 [default: the last residual stage]"),
             images: Optional[List[Path]] = typer.Option(None, help="images to explain instead of val images; repeat for several"),
             score: bool = typer.Option(False, help="localisation score against the val boxes: pointing game and energy in the box"),
@@ -314,7 +315,7 @@ def gradcam(run_dir: Path = typer.Argument(..., help="a run folder written by fi
     from tinyfast.cam_report import gradcam as gradcam_run
     learn = _load(run_dir, data, precision)
     with _logged(_out(run_dir, out), learn, quiet):
-        res = run_safely(gradcam_run, learn, _out(run_dir, out), n=n, methods=method, layer=layer, images=images,
+        res = run_safely(gradcam_run, learn, _out(run_dir, out), n=n, methods=methods, layer=layer, images=images,
                          score=score, limit=limit)
         for m, s in (res.get("scores") or {}).items():
             typer.echo(f"{m}: pointing game {s['pointing_game']:.3f}, energy in box {s['energy_in_box']:.3f} "
@@ -362,7 +363,7 @@ def compare(run_dirs: List[Path] = typer.Argument(..., help="run folders written
     """Runs side by side: curves against epoch and wall time, and a table of what differs and how it ended."""
     check_ranges(locals())
     from tinyfast.compare import write_comparison
-    res = run_safely(write_comparison, run_dirs, out_dir=out, at=at)
+    res = run_safely(write_comparison, run_dirs, out=out, at=at)
     typer.echo(res["md"].read_text())
     typer.echo(f"written: {res['png']}, {res['md']}, {res['csv']}")
 

@@ -246,10 +246,10 @@ def to_markdown(table: pd.DataFrame, at: float = 0.5) -> str:
     return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-def write_comparison(run_dirs: Iterable[str | Path], out_dir: str | Path = "compare", at: float = 0.5) -> dict:
-    """compare.png, compare.md and compare.csv in `out_dir`; returns their paths and the table."""
+def write_comparison(run_dirs: Iterable[str | Path], out: str | Path = "compare", at: float = 0.5) -> dict:
+    """compare.png, compare.md and compare.csv in `out`; returns their paths and the table."""
     table, fig = compare_runs(run_dirs, at)
-    out = Path(out_dir)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / "compare.png", "md": out / "compare.md", "csv": out / "compare.csv"}
     save_figure(fig, paths["png"])

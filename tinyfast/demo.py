@@ -31,7 +31,7 @@ def demo_dataset(dest: Path | str = "data/demo", classes: int = 10) -> Path:
 
 
 def run_demo(out: Path | str | None = None, data: Path | str = "data/demo", epochs: int = 6, size: int = 32,
-             classes: int = 10, bs: int = 32, precision: str = "auto", lr_iterations: int = 40,
+             classes: int = 10, bs: int = 32, precision: str = "auto", lr_num_it: int = 40,
              command: str | None = None, quiet: bool = False) -> dict:
     """Range test, fit_one_cycle, evaluate, interpret, Grad-CAM with its localisation score, report."""
     from .cam_report import gradcam
@@ -46,12 +46,12 @@ def run_demo(out: Path | str | None = None, data: Path | str = "data/demo", epoc
     out = Path(out) if out is not None else Path("runs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     say("[2/5] LR range test, then fit_one_cycle")
     result = fit(root, epochs=epochs, bs=bs, lr="auto", size=size, out=out, precision=precision, command=command,
-                 lr_iterations=lr_iterations, quiet=quiet)
+                 lr_num_it=lr_num_it, quiet=quiet)
     learn = result.learn
     say("[3/5] evaluate")
     ev = evaluate(learn, out, temperature=False)
     say("[4/5] interpret")
-    interpret(learn, out, top=16)
+    interpret(learn, out, top_losses=16)
     say("[5/5] Grad-CAM and its localisation score")
     cam = gradcam(learn, out, n=16, score=True)
     report = write_report(out)

@@ -328,26 +328,26 @@ def plot_full_confusion(p: ValPredictions) -> Figure:
 # ---------------------------------------------------------------------------------------------------------
 # File writers (the CLI commands)
 # ---------------------------------------------------------------------------------------------------------
-def _out_dir(out_dir: Path | str) -> Path:
-    out = Path(out_dir)
+def _out_dir(out: Path | str) -> Path:
+    out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is a file")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def evaluate(learn: Learner | None, out_dir: Path | str, tta: bool = False, temperature: bool = False,
+def evaluate(learn: Learner | None, out: Path | str, tta: bool = False, temperature: bool = False,
              p: ValPredictions | None = None) -> dict:
     """Write `evaluation.json` (the summary, plus calibration: ECE, NLL and, with `temperature`, the fitted
     temperature) and `per_class.csv`, and return the summary. Prints nothing: the CLI does.
     p: predictions already made (skips the prediction pass; `learn` is then not used)."""
-    out = _out_dir(out_dir)
+    out_dir = _out_dir(out)
     p = predict_valid(learn, tta=tta) if p is None else p
     summary = evaluation_summary(p)
-    calibration = calibration_summary(p.probs, p.targets, out_dir=out, temperature=temperature)
+    calibration = calibration_summary(p.probs, p.targets, out=out_dir, temperature=temperature)
     summary.update({k: v for k, v in calibration.items() if k not in summary})  # "n" is in both
-    per_class_table(p).to_csv(out / PER_CLASS, index=False)
-    (out / EVALUATION).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    per_class_table(p).to_csv(out_dir / PER_CLASS, index=False)
+    (out_dir / EVALUATION).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
     return summary
 
 
@@ -359,22 +359,22 @@ def _json_default(o):
     raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
-def interpret(learn: Learner | None, out_dir: Path | str, top: int = 16, pairs: int = 10, tta: bool = False,
+def interpret(learn: Learner | None, out: Path | str, top_losses: int = 16, pairs: int = 10, tta: bool = False,
               root: Path | str | None = None, p: ValPredictions | None = None) -> dict:
-    """One prediction pass, then `top_losses.png` (the `top` worst images), `confusion.png` (the classes of
+    """One prediction pass, then `top_losses.png` (the `top_losses` worst images), `confusion.png` (the classes of
     the `pairs` most confused pairs), `confusion_full.png` and `most_confused.csv`. Returns the summary and
     the paths written. root: where the images are now, if the data moved since `learn` was built.
     p: predictions already made (skips the prediction pass; `learn` is then not used)."""
-    out = _out_dir(out_dir)
+    out_dir = _out_dir(out)
     p = predict_valid(learn, tta=tta) if p is None else p
     cm = confusion_matrix(p)
     paths = {
-        "top_losses": save_figure(plot_top_losses(p, k=top, root=root), out / TOP_LOSSES),
-        "confusion": save_figure(plot_confusion(p, n_pairs=pairs), out / CONFUSION),
-        "confusion_full": save_figure(plot_full_confusion(p), out / CONFUSION_FULL),
+        "top_losses": save_figure(plot_top_losses(p, k=top_losses, root=root), out_dir / TOP_LOSSES),
+        "confusion": save_figure(plot_confusion(p, n_pairs=pairs), out_dir / CONFUSION),
+        "confusion_full": save_figure(plot_full_confusion(p), out_dir / CONFUSION_FULL),
     }
     confused = most_confused(p, cm=cm)
-    confused.to_csv(out / MOST_CONFUSED, index=False)
-    paths["most_confused"] = out / MOST_CONFUSED
+    confused.to_csv(out_dir / MOST_CONFUSED, index=False)
+    paths["most_confused"] = out_dir / MOST_CONFUSED
     return {**evaluation_summary(p), "paths": {k: str(v) for k, v in paths.items()},
             "most_confused": confused.head(pairs).to_dict("records")}

@@ -20,9 +20,8 @@ from fastai.optimizer import Optimizer, average_grad, l2_reg, momentum_step, sgd
 from fastai.torch_core import to_float
 from torch import nn
 
+from .choices import PRECISIONS
 from .model import resnet18
-
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def top5(inp: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:

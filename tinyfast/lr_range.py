@@ -58,11 +58,11 @@ from fastai.learner import Learner
 from fastai.torch_core import to_float
 from matplotlib.figure import Figure
 
+from .choices import MODES
 from .data import tiny_imagenet_dls
 from .layout import LR_FIND_JSON, LR_FIND_PNG, atomic_write_text, save_figure
 from .learner import tiny_learner
 
-MODES = ("fastai", "smith")
 DEFAULT_RANGE = {"fastai": (1e-7, 10.0), "smith": (1e-3, 1.0)}
 MIN_RELIABLE_POINTS = 20   # below this many points on the curve, no rule is trustworthy: warn
 DIVERGENCE_FACTOR = 4.0    # stop a sweep once its loss is 4x the best so far (fastai's `stop_div`)
@@ -251,8 +251,8 @@ class SmithLRFinder(ParamScheduler):
 
 
 def _smith_sweep(learn: Learner, start_lr: float, end_lr: float, num_it: int,
-                 n_val_batches: int) -> tuple[list, list, float | None, int]:
-    held_out = held_out_batches(learn, n_val_batches)
+                 val_batches: int) -> tuple[list, list, float | None, int]:
+    held_out = held_out_batches(learn, val_batches)
     finder = SmithLRFinder(held_out, start_lr, end_lr, num_it)
     with learn.no_logging():
         learn.fit(num_it // len(learn.dls.train) + 1, cbs=finder)
@@ -341,19 +341,19 @@ def _fallback(lrs: list[float], losses: list[float], start_lr: float) -> tuple[f
 # ---------------------------------------------------------------------------------------------------------
 # The test
 # ---------------------------------------------------------------------------------------------------------
-def _check_args(learn: Learner, num_it: int, start_lr: float, end_lr: float, n_val_batches: int) -> None:
+def _check_args(learn: Learner, num_it: int, start_lr: float, end_lr: float, val_batches: int) -> None:
     if not isinstance(num_it, int) or num_it < 2:
         raise ValueError(f"num_it must be an integer >= 2, got {num_it!r}")
     if not (math.isfinite(start_lr) and math.isfinite(end_lr) and 0 < start_lr < end_lr):
         raise ValueError(f"need 0 < start_lr < end_lr, both finite; got start_lr={start_lr}, end_lr={end_lr}")
-    if not isinstance(n_val_batches, int) or n_val_batches < 1:
-        raise ValueError(f"n_val_batches must be an integer >= 1, got {n_val_batches!r}")
+    if not isinstance(val_batches, int) or val_batches < 1:
+        raise ValueError(f"val_batches must be an integer >= 1, got {val_batches!r}")
     if len(learn.dls.train) == 0:
         raise ValueError("learn.dls.train has no batches (fewer training images than one batch?)")
 
 
 def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start_lr: float | None = None,
-                  end_lr: float | None = None, n_val_batches: int = HELD_OUT_BATCHES) -> LRRangeResult:
+                  end_lr: float | None = None, val_batches: int = HELD_OUT_BATCHES) -> LRRangeResult:
     """Run the range test `mode` on `learn` and suggest the peak LR for `fit_one_cycle`; `learn` (model,
     optimizer, Recorder history) is left as it was. Defaults: 1e-7 to 10 for fastai, 1e-3 to 1.0 for smith.
     A suggestion is usable when finite and in (start_lr, end_lr]; when no rule gives one, `_fallback` does,
@@ -362,7 +362,7 @@ def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     lo, hi = DEFAULT_RANGE[mode]
     start_lr, end_lr = float(lo if start_lr is None else start_lr), float(hi if end_lr is None else end_lr)
-    _check_args(learn, num_it, start_lr, end_lr, n_val_batches)
+    _check_args(learn, num_it, start_lr, end_lr, val_batches)
     if mode == "fastai":
         num_it = max(num_it, 6)   # fastai's LRFinder runs at least 6 steps whatever it is asked
     zooms: list[tuple] = []   # (end_lr of a sweep that diverged early, its points, where, whether NaN/inf)
@@ -370,14 +370,14 @@ def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start
         if mode == "fastai":
             lrs, losses, bad_lr = _fastai_sweep(learn, start_lr, end_lr, num_it)
         else:
-            lrs, losses, bad_lr, n_held = _smith_sweep(learn, start_lr, end_lr, num_it, n_val_batches)
+            lrs, losses, bad_lr, n_held = _smith_sweep(learn, start_lr, end_lr, num_it, val_batches)
             for _ in range(MAX_ZOOMS):  # diverged early: the curve has no resolution below the cliff
                 stop_lr = bad_lr if bad_lr is not None else (lrs[-1] if lrs else None)
                 if len(lrs) >= max(MIN_RELIABLE_POINTS, num_it // 4) or stop_lr is None or stop_lr <= 2 * start_lr:
                     break
                 zooms.append((end_lr, len(lrs), stop_lr, bad_lr is not None))
                 end_lr = stop_lr
-                lrs, losses, bad_lr, n_held = _smith_sweep(learn, start_lr, end_lr, num_it, n_val_batches)
+                lrs, losses, bad_lr, n_held = _smith_sweep(learn, start_lr, end_lr, num_it, val_batches)
     warnings: list[str] = []
     if bad_lr is not None:
         warnings.append(f"the loss became NaN/inf at lr {bad_lr:.3g}: curve cut there, suggestions from the "
@@ -459,9 +459,9 @@ def plot_lr_range(result: LRRangeResult) -> Figure:
     return fig
 
 
-def write_lr_range(result: LRRangeResult, out_dir: str | Path) -> dict:
-    """lr_find.png and lr_find.json in `out_dir` (created if needed); returns their paths."""
-    out = Path(out_dir)
+def write_lr_range(result: LRRangeResult, out: str | Path) -> dict:
+    """lr_find.png and lr_find.json in `out` (created if needed); returns their paths."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / LR_FIND_PNG, "json": out / LR_FIND_JSON}
     save_figure(plot_lr_range(result), paths["png"])
@@ -481,6 +481,6 @@ def find_lr(data: str | Path | None = None, bs: int = 256, mode: str = "smith", 
     dls = tiny_imagenet_dls(data, bs=bs, size=size, classes=classes, train_per_class=train_per_class)
     learn = tiny_learner(dls, stem=stem, precision=precision)
     result = lr_range_test(learn, mode=mode, num_it=num_it, start_lr=start_lr, end_lr=end_lr,
-                           n_val_batches=val_batches)
+                           val_batches=val_batches)
     write_lr_range(result, out)
     return result

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-STEMS = ("cifar", "imagenet")
+from .choices import STEMS
+
 INITS = ("pytorch", "kaiming")
 
 

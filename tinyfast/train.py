@@ -36,6 +36,7 @@ from fastai.learner import Learner
 from fastcore.xtras import ContextManagers
 from fastai.torch_core import set_seed
 
+from .choices import SCHEDULES, TRACKERS
 from .data import tiny_imagenet_dls
 from .distributed import (distributed_context, is_main_process, main_process_first, on_main,
                           setup_distributed, unwrap_model, world_size)
@@ -44,8 +45,6 @@ from .layout import (CHECKPOINT, CONFIG, CURVES, INTERRUPTED, LEARNER, METRICS, 
                      atomic_save, atomic_write_text, save_figure)
 from .runlog import run_log
 
-SCHEDULES = ("one-cycle", "plateau")
-TRACKERS = ("csv", "tensorboard", "wandb")  # metrics.csv always; `log` adds fastai's tracker callback
 # time and elapsed: wall seconds of the epoch and of the run so far, validation and checkpoints included;
 # train_seconds: of the training phase only (the first to the last training batch), what img/s and a
 # time-to-accuracy should be counted in, comparable with a benchmark's training loop
@@ -347,13 +346,13 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         size: int = 64, stem: str = "cifar", out: Path | str | None = None, resume: bool = False, seed: int = 42,
         precision: str = "auto", num_workers: int | None = None, monitor: str = "valid_loss", patience: int = 2,
         factor: float = 5.0, classes: int | None = None, train_per_class: int | None = None, aug: bool = True,
-        lr_mode: str = "smith", lr_iterations: int = 100, lr_val_batches: int = 2, ema: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
+        lr_mode: str = "smith", lr_num_it: int = 100, lr_val_batches: int = 2, ema: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
         progressive: int = 0, tta: bool = False, log: str = "csv", compile: bool = False,
         command: str | None = None, cbs: list | None = None,
         quiet: bool = False, changed: set[str] | None = None) -> FitResult:
     """Train and write a run folder. `lr="auto"` first runs the LR range test `lr_mode` ("smith": linear sweep on
     a held-out loss, the default, as fastai's valley suggests LRs far too low for SGD; or "fastai") for
-    `lr_iterations` steps (measuring `lr_val_batches` held-out batches), and uses its suggestion.
+    `lr_num_it` steps (measuring `lr_val_batches` held-out batches), and uses its suggestion.
     `schedule="plateau"`: SGD at `lr`, divided by `factor` when `monitor` has not improved for `patience` epochs.
     The levers toward the full-data target, each off by default (docs/BENCHMARKS.md has what each measured):
     `ema=0.999` validates and saves an EMA of the weights; `mixup=0.4` / `cutmix=1.0` are the Beta alpha of
@@ -436,8 +435,8 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
             if a["lr"] != "auto":
                 return a["lr"]
             from .lr_range import lr_range_test, write_lr_range
-            result = lr_range_test(learn, mode=a["lr_mode"], num_it=a["lr_iterations"],
-                                   n_val_batches=a.get("lr_val_batches", 2))
+            result = lr_range_test(learn, mode=a["lr_mode"], num_it=a["lr_num_it"],
+                                   val_batches=a.get("lr_val_batches", 2))
             write_lr_range(result, run_dir)
             config["args"]["lr_picked"] = result.suggested_lr
             atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
