@@ -18,8 +18,8 @@ from fastai.torch_core import set_seed
 
 from tinyfast.data import tiny_imagenet_dls
 from tinyfast.learner import tiny_learner
-from tinyfast.lr_range import (DEFAULT_RANGE, LRRangeResult, _unchanged, fastai_rules, find_lr, held_out_batches,
-                               lr_range_test, plot_lr_range, smith_rule, write_lr_range)
+from tinyfast.lr_range import (DEFAULT_RANGE, LRRangeResult, _unchanged, find_lr, held_out_batches, lr_range_test,
+                               plot_lr_range, smith_rule, write_lr_range)
 from tinyfast.model import resnet18
 
 JSON_KEYS = {"suggested_lr", "mode", "lrs", "losses", "suggestions", "reason"}
@@ -200,17 +200,20 @@ def test_plain_lr_find_is_what_needs_the_wrapper(fitted):
     (fitted.path / fitted.model_dir).rmdir()
 
 
-def test_short_curve_does_not_raise_like_lr_find(fastai_result):
+def test_short_curve_does_not_raise_like_lr_find(fastai_result, dls):
     """The #3658 mechanism: `lr_find` keeps `[num_it//10:-5]` of the curve, and a sweep stopped early by
-    `stop_div` leaves too little for fastai's rules; here the trims shrink and a rule that cannot run is noted."""
+    `stop_div` leaves too little for fastai's rules, which raise; the guarded call answers sanely and says why."""
     lrs, losses = torch.tensor(fastai_result.lrs[:12]), torch.tensor(fastai_result.losses[:12])
     with pytest.raises((IndexError, ValueError, RuntimeError)):
         valley(lrs[100 // 10:-5], losses[100 // 10:-5], 100)
     with pytest.raises(IndexError):
         slide(lrs, losses, 100)
-    found, notes = fastai_rules(lrs.tolist(), losses.tolist(), num_it=100)
-    assert {"valley", "minimum", "steep"} <= set(found) and all(math.isfinite(v) for v in found.values())
-    assert any(n.startswith("slide skipped") for n in notes)
+    learn = small_learner(dls)
+    with learn.added_cbs(PoisonBatch(at=12)):   # a curve of 12 points out of 100: 0 left after [10:-5]
+        r = quiet_test(learn, mode="fastai", num_it=100)
+    assert len(r.lrs) == 12
+    assert_sane(r)
+    assert any("#3658" in w for w in r.warnings) and r.reason.startswith("fallback")
 
 
 class PoisonBatch(Callback):

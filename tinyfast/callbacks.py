@@ -1,6 +1,9 @@
-"""Two training levers fastai has no callback for, in its callback idiom: an EMA of the weights, and
-progressive resizing. (Mixup and CutMix are fastai's own `MixUp` and `CutMix`; test-time augmentation is
-fastai's `Learner.tta`.)
+"""What fastai has no callback for, in its callback idiom: a NaN guard that says where, and two training levers,
+an EMA of the weights and progressive resizing. (Mixup and CutMix are fastai's own `MixUp` and `CutMix`;
+test-time augmentation is fastai's `Learner.tta`.)
+
+`StopOnNaN` is the one guard against a non-finite training loss, in `fit` (which reports it) and in the LR range
+tests (which end their curve there and carry on).
 
 `EMA` keeps an exponential moving average of the weights and BatchNorm buffers in a
 `torch.optim.swa_utils.AveragedModel` and validates *it*, not the raw weights: the metrics of an EMA run are
@@ -16,10 +19,53 @@ import math
 
 import torch
 import torch.nn.functional as F
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelFitException
 from torch.optim.swa_utils import AveragedModel
 
 from .distributed import unwrap_model
+from .errors import NonFiniteLoss
+
+
+class StopOnNaN(Callback):
+    """fastai's `TerminateOnNaNCallback` stops silently; a user needs to know where, and what to try.
+
+    Reading the loss into Python on every batch would make the host wait for the GPU each step, so the check
+    stays on the device: each batch folds "is this loss finite?" into the index of the first bad batch (a tensor
+    op, no sync), and that index is read every `every` batches and at the end of each training phase, before
+    validation and before the epoch's checkpoint. The message names the first bad batch exactly.
+    `cancel=True` (the LR range tests, with `every=1`) ends the fit instead, as fastai's `stop_div` does, with the
+    LR of the bad batch in `nonfinite_lr`; running after the loss, before the Recorder's `after_batch`, it keeps
+    the bad batch off the curve."""
+    order = 15  # right after the loss is computed
+
+    def __init__(self, every: int = 50, cancel: bool = False):
+        self.every, self.cancel, self.nonfinite_lr = every, cancel, None
+
+    def before_train(self):
+        self.first_bad = None
+
+    def after_loss(self):
+        if not self.training:
+            return
+        if self.first_bad is None:  # -1: none yet, on the loss's device
+            self.first_bad = torch.full((), -1, dtype=torch.long, device=self.loss.device)
+        bad = (self.first_bad < 0) & ~torch.isfinite(self.loss.detach()).all()
+        self.first_bad.masked_fill_(bad, self.iter)
+        if (self.iter + 1) % self.every == 0:
+            self._check()
+
+    def after_train(self):
+        self._check()
+
+    def _check(self):
+        if self.first_bad is None or int(self.first_bad) < 0:
+            return
+        lr = float(self.opt.hypers[-1]["lr"])
+        if self.cancel:
+            self.nonfinite_lr = lr
+            raise CancelFitException()
+        raise NonFiniteLoss(f"loss became NaN or inf at epoch {self.epoch + 1}, batch {int(self.first_bad) + 1}: "
+                            f"lower --lr (now {lr:.3g}) or check the data")
 
 
 def ema_decay(decay: float, n: int) -> float:

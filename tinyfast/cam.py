@@ -39,7 +39,7 @@ from torch import nn
 
 from .choices import CAM_METHOD_NAMES
 from .data import TINY_MEAN, TINY_STD
-from .learner import FastDevice, autocast_dtype
+from .learner import FastDevice, autocast_dtype, kept_modes
 
 __all__ = ["CAM_METHODS", "cam_class", "resolve_layer", "as_input", "align_cams", "compute_cams", "denormalise",
            "cam_overlay"]
@@ -151,17 +151,6 @@ def _feature_shape(model: nn.Module, module: nn.Module, x: torch.Tensor) -> tupl
 
 
 @contextmanager
-def _kept_modes(model: nn.Module):
-    """Every module's train/eval flag restored on exit (grad-cam leaves the model in eval mode)."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-@contextmanager
 def _quiet_scorecam():
     """Score-CAM draws a tqdm bar per image, to stderr, with no switch to turn it off."""
     import tqdm
@@ -249,7 +238,7 @@ def compute_cams(learn_or_model: Learner | nn.Module, images, targets=None, meth
     # of each of them until the call returns: one image per call bounds that memory, and costs nothing.
     step = 1 if method == "scorecam" else batch_size
     out = []
-    with _kept_modes(model), torch.enable_grad(), _autocast_for_cam(model, module, dtype):
+    with kept_modes(model), torch.enable_grad(), _autocast_for_cam(model, module, dtype):
         model.eval()
         shape = _feature_shape(model, module, x)
         if len(shape) != 4:

@@ -86,7 +86,7 @@ def fail(message: str, code: int = 1):
 def run_safely(fn, *args, **kwargs):
     """Call the package; turn the errors a user can act on into one line and a non-zero exit."""
     from tinyfast.dataset import DatasetError
-    from tinyfast.train import RunError, RunInterrupted
+    from tinyfast.errors import RunError, RunInterrupted
     try:
         return fn(*args, **kwargs)
     except RunInterrupted as e:

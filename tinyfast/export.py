@@ -24,7 +24,7 @@ from .choices import FORMATS
 from .data import TINY_MEAN, TINY_STD
 from .model import resnet18
 from .layout import CONFIG, LEARNER, MODEL, MODEL_JSON, atomic_write, atomic_write_text
-from .train import RunError
+from .errors import RunError
 
 SUFFIX = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # the run-folder name of each format
 TOLERANCE = 1e-4  # max abs difference of the logits, fp32

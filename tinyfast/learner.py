@@ -6,7 +6,9 @@ in fastai's callback idiom, leaving the loss, the metrics and the optimizer stat
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
+from typing import Iterator
 
 import torch
 from fastai.callback.core import Callback
@@ -22,6 +24,18 @@ from torch import nn
 
 from .choices import PRECISIONS
 from .model import resnet18
+
+
+@contextmanager
+def kept_modes(model: nn.Module) -> Iterator[None]:
+    """Every module's train/eval flag as it was, on exit (the range tests and grad-cam switch the model to eval
+    mode and would leave it there)."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def top5(inp: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:

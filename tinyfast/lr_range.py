@@ -1,41 +1,25 @@
 """Learning-rate range tests that pick the peak LR for `fit_one_cycle`, leaving the Learner as they found it.
 
-Two tests, both a short mock training whose LR grows every step:
+* ``mode="fastai"`` is fastai's `Learner.lr_find` itself: an exponential sweep (default 1e-7 to 10) read off
+  the smoothed *training* loss by fastai's rules, `valley` first (fastai's default), then `minimum`, `slide`,
+  `steep`. The call is guarded: a curve too short for fastai's rules (fastai #3658: `lr_find` slices
+  ``[num_it//10 : -5]`` and `slide` needs 16 points, so a sweep that `stop_div` ends early raises
+  IndexError/ValueError) falls back to one tenth of the LR at the lowest loss, with a warning.
+* ``mode="smith"`` is Leslie Smith's test (Smith 2017, "Cyclical learning rates"; 2018, "A disciplined
+  approach"), `SmithLRFinder`: a *linear* sweep (default 1e-3 to 1.0) and, after every step, the loss on the
+  same held-out batches in eval mode, a far steadier curve than the training loss of ever-changing batches,
+  and the loss the schedule should improve. Linear, because SGD with momentum on a BatchNorm ResNet peaks at
+  0.05-0.5, which a log sweep from 1e-7 crosses in a dozen steps. `smith_rule` reads it (the largest LR that
+  converges). A fresh model diverges early in such a sweep (a 10-class subset: flat near ln(10) to ~0.03,
+  exploding by ~0.04, the 4th step of 100 to 1.0), so a sweep that diverges within its first quarter is run
+  again from the same state up to where it did (at most `MAX_ZOOMS` times), and the reason says so.
 
-* ``mode="fastai"`` is fastai's own `Learner.lr_find`: an exponential sweep (default 1e-7 to 10) read off the
-  smoothed *training* loss, with fastai's four suggestion rules (`valley`, `slide`, `minimum`, `steep`).
-  The suggested LR is `valley`, fastai's default, unless it is unusable.
-* ``mode="smith"`` is Leslie Smith's test (Smith 2017, "Cyclical learning rates"; Smith 2018, "A disciplined
-  approach to neural network hyper-parameters"): a *linear* sweep (default 1e-3 to 1.0), and after every step
-  the loss on a *fixed* set of held-out batches, in eval mode, without gradients. The same images at every
-  step make a curve far less noisy than the training loss of ever-changing batches, and the loss it measures
-  is the one the schedule should improve. It is `SmithLRFinder`, a callback in the idiom of fastai's `LRFinder`.
-  Its suggestion (`smith_rule`) is the largest LR that converges, the peak Smith gives a 1cycle: the last LR
-  before the smoothed held-out loss first climbs out of its bottom (10% of its descent above its running minimum).
-
-A fresh model diverges early in a sweep that has no warm-up: with PyTorch's init, a 10-class subset's held-out
-loss stays near ln(10) up to lr ~0.03 and explodes by ~0.04, the 4th step of a sweep to 1.0. A sweep that
-diverges within its first quarter (or 20 points) is therefore run again, from the same state, up to the LR where
-it diverged (at most `MAX_ZOOMS` times), so that the curve has resolution below the cliff; the reason says so.
-
-Why a linear sweep for Smith's test: SGD with momentum on a BatchNorm ResNet works with peak LRs of about
-0.05-0.5, a range a log sweep from 1e-7 crosses in a dozen steps; a linear sweep to 1.0 spends half of its
-steps there. Its start hardly matters (the second step is already at end_lr/num_it), and 1.0 is well past
-where such a network stops improving, so the curve shows the rise that the rule looks for.
-
-Both tests leave the model exactly as it was: weights and BatchNorm buffers, the optimizer's state and hyper-
-parameters (or no optimizer, if there was none), each module's train/eval mode, and the Recorder's history of
-an earlier `fit`. fastai's `lr_find` alone does not: it saves the optimizer *after* `fit` has reset its LR to
-`learn.lr`, overwrites `recorder.values`/`lrs`/`losses`/`hps` with the sweep, creates an optimizer where there
-was none, leaves the model in train mode, and writes a temporary file (and a `models/` folder) under
-`learn.path`, the dataset root unless set otherwise. Here the state is deep-copied in memory before and put
-back after, whatever happens in between (fastai's `LRFinder` still writes its own copy, to a temporary folder).
-
-fastai issue #3658 (`lr_find` after `fine_tune` raising IndexError/ValueError): `lr_find` slices its curve
-with a fixed ``[num_it//10 : -5]`` and `slide` needs 16 points. When the loss of an already-trained model
-quadruples within a few steps, `stop_div` ends the sweep early, the slice is empty or short, and `argmin` of
-an empty tensor or `lrs[-16]` raises. Here each rule runs only on a curve long enough for it, the trim shrinks
-with the curve, and a rule that cannot run is reported, not raised.
+Both leave the Learner exactly as it was (`_unchanged`: one snapshot of weights, BatchNorm buffers, gradients,
+optimizer state and hyper-parameters, or no optimizer, each module's mode, and the Recorder's history of an
+earlier `fit`), which fastai's `lr_find` alone does not: it saves the optimizer after `fit` has reset its LR,
+overwrites the Recorder, creates an optimizer where there was none, leaves the model in train mode and writes a
+`models/` folder under `learn.path` (here a temporary folder). Both end their curve at the first non-finite
+training loss with the guard `fit` uses (`StopOnNaN`); fastai's `stop_div` alone never fires on NaN.
 """
 from __future__ import annotations
 
@@ -52,16 +36,17 @@ from typing import Iterator
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from fastai.callback.core import Callback, CancelFitException, CancelValidException
+from fastai.callback.core import CancelFitException, CancelValidException
 from fastai.callback.schedule import ParamScheduler, SchedLin, minimum, slide, steep, valley
 from fastai.learner import Learner
 from fastai.torch_core import to_float
 from matplotlib.figure import Figure
 
+from .callbacks import StopOnNaN
 from .choices import MODES
 from .data import tiny_imagenet_dls
 from .layout import LR_FIND_JSON, LR_FIND_PNG, atomic_write_text, save_figure
-from .learner import tiny_learner
+from .learner import kept_modes, tiny_learner
 
 DEFAULT_RANGE = {"fastai": (1e-7, 10.0), "smith": (1e-3, 1.0)}
 MIN_RELIABLE_POINTS = 20   # below this many points on the curve, no rule is trustworthy: warn
@@ -70,12 +55,12 @@ SMITH_RISE = 0.10          # Smith rule: the curve "rises" once it is 10% of its
 SMITH_FLOOR = 0.05         # ... or 5% of the minimum loss, whichever is more: on a flat curve, noise is no rise
 HELD_OUT_BATCHES = 2       # validation batches Smith's test measures after each step: `fit --lr auto`, `find-lr`
 MAX_ZOOMS = 4              # a Smith sweep that diverges within its first quarter is rerun up to where it did
-FASTAI_ORDER = ("valley", "minimum", "slide", "steep")   # preference when the one before is unusable
-FASTAI_RULES = {"valley": (valley, 1), "minimum": (minimum, 1), "slide": (slide, 16), "steep": (steep, 2)}
-FASTAI_WHY = {"valley": "middle of the longest descending stretch of the training loss (fastai's default)",
-              "minimum": "one tenth of the LR at the lowest training loss",
-              "slide": "where the training-loss slope stops changing, walking down from the divergence",
-              "steep": "the steepest descent of the training loss"}
+FASTAI_RULES = {           # in order of preference: the first one that gives a usable LR is the suggestion
+    "valley": (valley, "middle of the longest descending stretch of the training loss (fastai's default)"),
+    "minimum": (minimum, "one tenth of the LR at the lowest training loss"),
+    "slide": (slide, "where the training-loss slope stops changing, walking down from the divergence"),
+    "steep": (steep, "the steepest descent of the training loss"),
+}
 
 
 @dataclass
@@ -97,57 +82,47 @@ class LRRangeResult:
 # ---------------------------------------------------------------------------------------------------------
 # Leaving the Learner as it was
 # ---------------------------------------------------------------------------------------------------------
-def _training_state(learn: Learner) -> dict:
-    """Deep copies, because a state_dict holds the live tensors that the sweep's steps update in place."""
-    model = learn.model
-    return {"model": copy.deepcopy(model.state_dict()),
-            "modes": [m.training for m in model.modules()],
-            "grads": [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()],
-            "opt": None if learn.opt is None else copy.deepcopy(learn.opt.state_dict())}
-
-
-def _restore_training_state(learn: Learner, state: dict) -> None:
-    model = learn.model
-    model.load_state_dict(state["model"])   # copies into the existing tensors: their memory format stays
-    for m, training in zip(model.modules(), state["modes"]):
-        m.training = training
-    for p, g in zip(model.parameters(), state["grads"]):
-        p.grad = g
-    if state["opt"] is None:
-        learn.opt = None
-    elif learn.opt is not None:
-        learn.opt.load_state_dict(state["opt"])   # state *and* hypers (lr, mom, wd), as they were
-
-
 _RECORDER_ATTRS = ("lrs", "iters", "losses", "values", "hps", "metric_names")
 _LEARNER_ATTRS = ("epoch", "n_epoch", "train_iter", "pct_train", "final_record", "smooth_loss")
 _MISSING = object()
 
 
 @contextmanager
-def _unchanged(learn: Learner) -> Iterator[None]:
-    """Everything a sweep's `fit` changes, put back afterwards: the training state, and the Recorder's history
-    of an earlier fit (a run folder's metrics.csv and schedule.png are written from it)."""
-    state = _training_state(learn)
-    rec = getattr(learn, "recorder", None)
+def _unchanged(learn: Learner) -> Iterator[callable]:
+    """Everything a sweep's `fit` changes, put back afterwards; yields the function that puts the training state
+    back, for a sweep that must start again from it. Deep copies: a state_dict holds the live tensors."""
+    model, rec = learn.model, getattr(learn, "recorder", None)
+    weights = copy.deepcopy(model.state_dict())
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+    opt = None if learn.opt is None else copy.deepcopy(learn.opt.state_dict())
     saved = [(obj, name, getattr(obj, name, _MISSING))   # fit rebinds these (new lists): references suffice
              for obj, names in ((rec, _RECORDER_ATTRS), (learn, _LEARNER_ATTRS)) if obj is not None for name in names]
+
+    def restore() -> None:  # copies again: the snapshot may be restored more than once, and must stay intact
+        model.load_state_dict(weights)   # copies into the existing tensors: their memory format stays
+        for p, g in zip(model.parameters(), grads):
+            p.grad = None if g is None else g.clone()   # backward accumulates into .grad in place
+        if opt is None:
+            learn.opt = None
+        elif learn.opt is not None:   # fastai's load_state_dict keeps the dicts it is given (hypers, state)
+            learn.opt.load_state_dict(copy.deepcopy(opt))   # state *and* hypers (lr, mom, wd), as they were
+
     try:
-        yield
+        with kept_modes(model):
+            yield restore
     finally:
-        _restore_training_state(learn, state)
+        restore()
         for obj, name, value in saved:
-            if value is _MISSING:
-                if name in obj.__dict__:
-                    delattr(obj, name)
-            else:
+            if value is not _MISSING:
                 setattr(obj, name, value)
+            elif name in obj.__dict__:
+                delattr(obj, name)
 
 
 @contextmanager
 def _scratch_path(learn: Learner) -> Iterator[None]:
-    """fastai's `LRFinder` saves the model to `learn.path/learn.model_dir`; point that at a temporary folder so
-    that a dataset root (maybe read-only) or a run folder is not touched."""
+    """fastai's `LRFinder` saves the model to `learn.path/learn.model_dir`: a temporary folder, not the dataset
+    root (maybe read-only) or a run folder."""
     path, model_dir = learn.path, learn.model_dir
     with tempfile.TemporaryDirectory(prefix="tinyfast-lr-") as tmp:
         learn.path, learn.model_dir = Path(tmp), "models"
@@ -160,25 +135,20 @@ def _scratch_path(learn: Learner) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------------------
 # The sweeps
 # ---------------------------------------------------------------------------------------------------------
-class _StopAtNonFinite(Callback):
-    """Ends the sweep at the first NaN/inf training loss, before the Recorder logs it, and says at which LR.
-    (fastai's `stop_div` never fires on NaN, so `lr_find` would otherwise train on NaNs to the end.)"""
-    order = -9   # as fastai's TerminateOnNaNCallback: before the Recorder's after_batch
-
-    def __init__(self):
-        self.nonfinite_lr = None
-
-    def after_batch(self):
-        if self.training and not torch.isfinite(self.loss).all():
-            self.nonfinite_lr = float(self.opt.hypers[-1]["lr"])
-            raise CancelFitException()
-
-
-def _fastai_sweep(learn: Learner, start_lr: float, end_lr: float, num_it: int) -> tuple[list, list, float | None]:
-    stop = _StopAtNonFinite()
-    with _scratch_path(learn), learn.added_cbs(stop):
-        learn.lr_find(start_lr, end_lr, num_it, stop_div=True, show_plot=False, suggest_funcs=None)
-    return [float(x) for x in learn.recorder.lrs], [float(x) for x in learn.recorder.losses], stop.nonfinite_lr
+def _fastai_sweep(learn: Learner, start_lr: float, end_lr: float, num_it: int):
+    """fastai's `lr_find` with its rules: (lrs, losses, LR of the first non-finite loss or None, the rules' LRs,
+    notes). Guarded against fastai #3658, a curve too short for the rules."""
+    guard, found, notes = StopOnNaN(every=1, cancel=True), {}, []
+    funcs = tuple(rule for rule, _ in FASTAI_RULES.values())
+    with _scratch_path(learn), learn.added_cbs(guard):
+        try:
+            found = learn.lr_find(start_lr, end_lr, num_it, stop_div=True, show_plot=False,
+                                  suggest_funcs=funcs)._asdict()
+        except (IndexError, ValueError, RuntimeError) as e:   # raised by the rules, after the sweep
+            notes.append(f"fastai's rules could not read a curve of {len(learn.recorder.lrs)} points "
+                         f"(fastai #3658: {e.__class__.__name__})")
+    lrs, losses = [float(x) for x in learn.recorder.lrs], [float(x) for x in learn.recorder.losses]
+    return lrs, losses, guard.nonfinite_lr, {k: float(v) for k, v in found.items()}, notes
 
 
 def held_out_batches(learn: Learner, n_batches: int) -> list[tuple]:
@@ -194,8 +164,8 @@ class SmithLRFinder(ParamScheduler):
     """Leslie Smith's range test as a callback: a linear LR sweep from `start_lr` to `end_lr` over `num_it`
     training steps, and after each step the loss on the fixed `held_out` batches (eval mode, no_grad, the
     learner's loss function, under the autocast dtype the learner's `FastDevice` trains with, as `validate`
-    would). Like fastai's `LRFinder` it skips validation, stops when the loss diverges, and puts the model and
-    optimizer back as they were when the fit began; unlike it, it keeps them in memory, not in a file."""
+    would). Like fastai's `LRFinder` it skips validation and stops when the loss diverges; the sweep trains the
+    model, which `lr_range_test` puts back afterwards."""
     order = 60   # a ParamScheduler: after the Recorder, so the step's LR is already logged
 
     def __init__(self, held_out: list[tuple], start_lr: float = 1e-3, end_lr: float = 1.0, num_it: int = 100,
@@ -208,7 +178,6 @@ class SmithLRFinder(ParamScheduler):
 
     def before_fit(self):
         super().before_fit()
-        self._saved = _training_state(self.learn)
         self.lrs, self.losses, self.nonfinite_lr, self.best = [], [], None, math.inf
 
     def before_batch(self):
@@ -229,34 +198,25 @@ class SmithLRFinder(ParamScheduler):
     def before_validate(self):
         raise CancelValidException()
 
-    def after_fit(self):
-        self.learn.opt.zero_grad()
-        _restore_training_state(self.learn, self._saved)
-
     def held_out_loss(self) -> float:
         model, fast = self.learn.model, getattr(self.learn, "fast_device", None)
         dtype = fast.dtype() if fast is not None else None
         device = next(model.parameters()).device
-        modes, total, count = [m.training for m in model.modules()], 0.0, 0
-        model.eval()
-        try:
-            with torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()):
-                for *xb, yb in self.held_out:
-                    loss = self.learn.loss_func(to_float(model(*xb)), yb)
-                    total, count = total + float(loss) * len(yb), count + len(yb)
-        finally:
-            for m, training in zip(model.modules(), modes):
-                m.training = training
+        total, count = 0.0, 0
+        with kept_modes(model), torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()):
+            model.eval()
+            for *xb, yb in self.held_out:
+                loss = self.learn.loss_func(to_float(model(*xb)), yb)
+                total, count = total + float(loss) * len(yb), count + len(yb)
         return total / count
 
 
-def _smith_sweep(learn: Learner, start_lr: float, end_lr: float, num_it: int,
-                 val_batches: int) -> tuple[list, list, float | None, int]:
-    held_out = held_out_batches(learn, val_batches)
-    finder = SmithLRFinder(held_out, start_lr, end_lr, num_it)
+def _smith_sweep(learn: Learner, held_out: list[tuple], start_lr: float, end_lr: float, num_it: int):
+    """(lrs, losses, LR of the first non-finite loss, training or held-out, or None)."""
+    finder, guard = SmithLRFinder(held_out, start_lr, end_lr, num_it), StopOnNaN(every=1, cancel=True)
     with learn.no_logging():
-        learn.fit(num_it // len(learn.dls.train) + 1, cbs=finder)
-    return finder.lrs, finder.losses, finder.nonfinite_lr, len(held_out)
+        learn.fit(num_it // len(learn.dls.train) + 1, cbs=[finder, guard])
+    return finder.lrs, finder.losses, guard.nonfinite_lr or finder.nonfinite_lr
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -274,23 +234,18 @@ def smooth(losses: list[float] | np.ndarray, window: int | None = None) -> np.nd
 def smith_rule(lrs: list[float], losses: list[float]) -> tuple[float, dict[str, float], str]:
     """The largest LR that converges, read off the held-out loss: where the curve first climbs out of its bottom.
 
-    Smith (2017, section 3.3) reads the range test for "the largest LR that converges", where the held-out
-    loss stops falling and starts to rise. The 1cycle takes that LR as its maximum (Smith 2018, "A disciplined
-    approach"; fastai's one-cycle documentation): its warm-up and anneal hold it there only briefly, and the
-    factor of two of 2017, kept here until 2026-12-02, was for a constant LR. The
-    rule makes the reading exact and noise-proof: smooth the curve (`smooth`, centred, so the rise stays at the
-    LR where it happened), and walk it from the start, keeping its running minimum. The bottom is everything
-    within `SMITH_RISE` (10%) of the descent so far (first value minus running minimum) above that minimum, or
-    within `SMITH_FLOOR` (5%) of the minimum itself where the curve has barely descended (a fresh model, whose
-    held-out loss stays near ln(classes) until it diverges: there a 10% band would be noise-thin). The largest
-    converging LR is the last one before the curve first leaves the bottom, and it is the suggestion.
+    Smith reads the range test for "the largest LR that converges" (2017, section 3.3), and the 1cycle takes it
+    as its peak (2018; fastai's one-cycle): its warm-up and anneal hold it there only briefly. The reading made
+    exact and noise-proof: smooth the curve (`smooth`), walk it from the start keeping its running minimum; the
+    bottom is everything within `SMITH_RISE` of the descent so far above that minimum, or within `SMITH_FLOOR`
+    of the minimum itself where the curve has barely descended (a fresh model stays near ln(classes) until it
+    diverges: there a 10% band would be noise-thin). The suggestion is the last LR before the curve first
+    leaves the bottom, or the last one swept if it never does (the caller warns: sweep further).
 
-    The *first* climb, not the climb after the global minimum: on real data a fresh model's held-out loss
-    jumps at its first cliff (~0.02 on 10-class subsets at batch 64), then, carried on at higher LRs, falls
-    again below where it was; the later minimum is a model that survived divergence, not an LR to train at.
-    Reading the climb after the global minimum picked ~0.031 there, twice the best LR of the sweep, and 2.8-3.8
-    points below its best; the first climb picks 0.015-0.019 (docs/BENCHMARKS.md). If the curve never leaves
-    its bottom, the largest converging LR is the last one swept (the caller warns: sweep further).
+    The *first* climb, not the climb after the global minimum: a fresh model's held-out loss jumps at its first
+    cliff (~0.02 on 10-class subsets at batch 64), then, carried on, falls below where it was; that later
+    minimum is a model that survived divergence. Read after the global minimum, the rule picked ~0.031 there,
+    2.8-3.8 points below the sweep's best; the first climb picks 0.015-0.019 (docs/BENCHMARKS.md).
     Returns (suggested LR, named points for the plot, a one-line reason)."""
     y = smooth(losses)
     lrs = np.asarray(lrs, dtype=float)
@@ -304,29 +259,6 @@ def smith_rule(lrs: list[float], losses: list[float]) -> tuple[float, dict[str, 
     why = (f"the largest converging LR {lr:.3g}, the last before the smoothed held-out loss first climbs out of "
            f"the bottom of the curve (lowest so far at lr {lrs[i_min]:.3g})")
     return lr, points, why
-
-
-def fastai_rules(lrs: list[float], losses: list[float], num_it: int) -> tuple[dict[str, float], list[str]]:
-    """fastai's four rules on the curve that `lr_find` would use: without the first `num_it//10` points (the LR
-    is too small to matter) and the last 5 (the divergence that stopped the sweep), trims shrunk on a short
-    curve so that some points are left. A rule the curve is too short for is skipped with a note."""
-    n = len(lrs)
-    lo, hi = num_it // 10, n - 5
-    if hi - lo < MIN_RELIABLE_POINTS:
-        lo, hi = min(lo, n // 10), n - min(5, n // 10)
-    t_lrs, t_losses = torch.tensor(lrs[lo:hi]), torch.tensor(losses[lo:hi])
-    found, notes = {}, []
-    for name, (rule, needs) in FASTAI_RULES.items():
-        if len(t_lrs) < needs:
-            notes.append(f"{name} skipped: it needs {needs} points, the curve has {len(t_lrs)}")
-            continue
-        found[name] = float(rule(t_lrs, t_losses, num_it)[0])
-    return found, notes
-
-
-def _usable(lr: float, start_lr: float, end_lr: float) -> bool:
-    """Inside the swept range and above its first LR: a rule that lands on start_lr has found nothing."""
-    return math.isfinite(lr) and start_lr < lr <= end_lr
 
 
 def _fallback(lrs: list[float], losses: list[float], start_lr: float) -> tuple[float, str]:
@@ -356,76 +288,64 @@ def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start
                   end_lr: float | None = None, val_batches: int = HELD_OUT_BATCHES) -> LRRangeResult:
     """Run the range test `mode` on `learn` and suggest the peak LR for `fit_one_cycle`; `learn` (model,
     optimizer, Recorder history) is left as it was. Defaults: 1e-7 to 10 for fastai, 1e-3 to 1.0 for smith.
-    A suggestion is usable when finite and in (start_lr, end_lr]; when no rule gives one, `_fallback` does,
-    with a warning. The suggestion is never NaN, never <= 0 and never start_lr."""
+    The suggestion is the first rule's LR that is finite and in (start_lr, end_lr] (fastai: valley, minimum,
+    slide, steep; smith: its rule), else `_fallback`'s, with a warning: never NaN, <= 0 or start_lr."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     lo, hi = DEFAULT_RANGE[mode]
     start_lr, end_lr = float(lo if start_lr is None else start_lr), float(hi if end_lr is None else end_lr)
     _check_args(learn, num_it, start_lr, end_lr, val_batches)
-    if mode == "fastai":
-        num_it = max(num_it, 6)   # fastai's LRFinder runs at least 6 steps whatever it is asked
-    zooms: list[tuple] = []   # (end_lr of a sweep that diverged early, its points, where, whether NaN/inf)
-    with _unchanged(learn):
+    warnings: list[str] = []
+    with _unchanged(learn) as restore:
         if mode == "fastai":
-            lrs, losses, bad_lr = _fastai_sweep(learn, start_lr, end_lr, num_it)
+            num_it = max(num_it, 6)   # fastai's LRFinder runs at least 6 steps whatever it is asked
+            lrs, losses, bad_lr, found, notes = _fastai_sweep(learn, start_lr, end_lr, num_it)
+            why = {k: w for k, (_, w) in FASTAI_RULES.items()}
         else:
-            lrs, losses, bad_lr, n_held = _smith_sweep(learn, start_lr, end_lr, num_it, val_batches)
+            held_out = held_out_batches(learn, val_batches)
+            lrs, losses, bad_lr = _smith_sweep(learn, held_out, start_lr, end_lr, num_it)
             for _ in range(MAX_ZOOMS):  # diverged early: the curve has no resolution below the cliff
                 stop_lr = bad_lr if bad_lr is not None else (lrs[-1] if lrs else None)
                 if len(lrs) >= max(MIN_RELIABLE_POINTS, num_it // 4) or stop_lr is None or stop_lr <= 2 * start_lr:
                     break
-                zooms.append((end_lr, len(lrs), stop_lr, bad_lr is not None))
+                warnings.append(f"the sweep to {end_lr:.3g} {'went NaN/inf' if bad_lr is not None else 'diverged'} "
+                                f"at {stop_lr:.3g} after {len(lrs)} steps, so it was swept again to {stop_lr:.3g}")
                 end_lr = stop_lr
-                lrs, losses, bad_lr, n_held = _smith_sweep(learn, start_lr, end_lr, num_it, val_batches)
-    warnings: list[str] = []
+                restore()
+                lrs, losses, bad_lr = _smith_sweep(learn, held_out, start_lr, end_lr, num_it)
+            found, notes, why = {}, [], {}
+            if len(lrs) >= 3:
+                _, found, why["smith"] = smith_rule(lrs, losses)
+                if found["max_converging"] == lrs[-1] and len(lrs) == num_it:
+                    notes.append(f"the held-out loss had not risen off its bottom by end_lr={end_lr:.3g}: the "
+                                 f"suggestion is capped by the sweep; rerun with a larger end_lr")
+            else:
+                notes.append(f"the smith rule needs 3 points, the curve has {len(lrs)}")
+    zooms = list(warnings)
     if bad_lr is not None:
         warnings.append(f"the loss became NaN/inf at lr {bad_lr:.3g}: curve cut there, suggestions from the "
                         f"{len(lrs)} finite points")
     if len(lrs) < MIN_RELIABLE_POINTS:
         warnings.append(f"only {len(lrs)} points on the curve (num_it={num_it}): the suggestion is unreliable; "
                         f"use num_it >= {MIN_RELIABLE_POINTS}, 100 is usual")
-    suggested, suggestions, reason = _suggest(mode, lrs, losses, num_it, start_lr, end_lr, warnings)
-    if mode == "smith":
-        reason += f"; held-out loss on {n_held} validation batches"
-        notes = [f"the sweep to {end:.3g} {'went NaN/inf' if nonfinite else 'diverged'} at {at:.3g} after {n} steps, "
-                 f"so it was swept again to {at:.3g}" for end, n, at, nonfinite in zooms]
-        reason += "".join(f"; {note}" for note in notes)
-        warnings[:0] = notes
-    return LRRangeResult(mode=mode, suggested_lr=float(suggested), lrs=lrs, losses=losses, suggestions=suggestions,
-                         reason=reason, warnings=warnings, start_lr=start_lr, end_lr=end_lr, num_it=num_it)
-
-
-def _suggest(mode: str, lrs: list[float], losses: list[float], num_it: int, start_lr: float, end_lr: float,
-             warnings: list[str]) -> tuple[float, dict[str, float], str]:
-    """The mode's rules on the finite curve; the first usable one in order (fastai: valley, minimum, slide,
-    steep; smith: its rule), else `_fallback`. Appends to `warnings` what made the answer doubtful."""
-    if mode == "fastai":
-        found, notes = fastai_rules(lrs, losses, num_it) if lrs else ({}, ["no finite point: no rule can run"])
-        order, why = FASTAI_ORDER, FASTAI_WHY
-    else:
-        found, notes, order, why = {}, [], ("smith",), {}
-        if len(lrs) >= 3:
-            _, found, why["smith"] = smith_rule(lrs, losses)
-            if found["max_converging"] == lrs[-1] and len(lrs) == num_it:
-                warnings.append(f"the held-out loss had not risen off its bottom by end_lr={end_lr:.3g}: the "
-                                f"suggestion is capped by the sweep; rerun with a larger end_lr")
-        else:
-            notes.append(f"the smith rule needs 3 points, the curve has {len(lrs)}")
     warnings += notes
     suggestions = {k: v for k, v in found.items() if math.isfinite(v) and start_lr <= v <= end_lr}
     warnings += [f"{k} = {v:.3g} is outside the swept range [{start_lr:.3g}, {end_lr:.3g}]: dropped"
                  for k, v in found.items() if k not in suggestions]
-    picked = next((k for k in order if k in suggestions and _usable(suggestions[k], start_lr, end_lr)), None)
+    order = tuple(FASTAI_RULES) if mode == "fastai" else ("smith",)
+    picked = next((k for k in order if k in suggestions and start_lr < suggestions[k] <= end_lr), None)
     if picked is None:
-        lr, reason = _fallback(lrs, losses, start_lr)
+        suggested, reason = _fallback(lrs, losses, start_lr)
         warnings.append(f"no rule gave a usable LR; {reason}")
-        return lr, suggestions, reason
-    reason = f"{picked}: {why[picked]}"
-    if picked != order[0]:
-        warnings.append(f"{order[0]} gave no usable LR (NaN, outside the range or start_lr); used {picked}")
-        reason += f" ({order[0]} unusable)"
-    return suggestions[picked], suggestions, reason
+    else:
+        suggested, reason = suggestions[picked], f"{picked}: {why[picked]}"
+        if picked != order[0]:
+            warnings.append(f"{order[0]} gave no usable LR (NaN, outside the range or start_lr); used {picked}")
+            reason += f" ({order[0]} unusable)"
+    if mode == "smith":
+        reason += f"; held-out loss on {len(held_out)} validation batches" + "".join(f"; {z}" for z in zooms)
+    return LRRangeResult(mode=mode, suggested_lr=float(suggested), lrs=lrs, losses=losses, suggestions=suggestions,
+                         reason=reason, warnings=warnings, start_lr=start_lr, end_lr=end_lr, num_it=num_it)
 
 
 # ---------------------------------------------------------------------------------------------------------

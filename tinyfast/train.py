@@ -36,8 +36,10 @@ from fastai.learner import Learner
 from fastcore.xtras import ContextManagers
 from fastai.torch_core import set_seed
 
+from .callbacks import StopOnNaN
 from .choices import SCHEDULES, TRACKERS
 from .data import tiny_imagenet_dls
+from .errors import NonFiniteLoss, RunError, RunInterrupted
 from .distributed import (distributed_context, is_main_process, main_process_first, on_main,
                           setup_distributed, unwrap_model, world_size)
 from .learner import CompileModel, FastDevice, tiny_learner
@@ -51,18 +53,6 @@ from .runlog import run_log
 METRIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "top5", "time", "elapsed", "train_seconds")
 
 
-class RunError(Exception):
-    """A one-line, user-facing reason a run cannot start or go on (the CLI prints it and exits non-zero)."""
-
-
-class NonFiniteLoss(RunError):
-    pass
-
-
-class RunInterrupted(RunError):
-    pass
-
-
 def read_metrics(run_dir: Path | str) -> list[dict]:
     with open(Path(run_dir) / METRICS) as f:
         return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
@@ -71,40 +61,6 @@ def read_metrics(run_dir: Path | str) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------
 # Callbacks
 # ---------------------------------------------------------------------------------------------------------
-class StopOnNaN(Callback):
-    """fastai's `TerminateOnNaNCallback` stops silently; a user needs to know where, and what to try.
-
-    Reading the loss into Python on every batch would make the host wait for the GPU each step, so the check
-    stays on the device: each batch folds "is this loss finite?" into the index of the first bad batch (a tensor
-    op, no sync), and that index is read every `every` batches and at the end of each training phase, before
-    validation and before the epoch's checkpoint. The message names the first bad batch exactly."""
-    order = 15  # right after the loss is computed
-
-    def __init__(self, every: int = 50):
-        self.every = every
-
-    def before_train(self):
-        self.first_bad = None
-
-    def after_loss(self):
-        if not self.training:
-            return
-        if self.first_bad is None:  # -1: none yet, on the loss's device
-            self.first_bad = torch.full((), -1, dtype=torch.long, device=self.loss.device)
-        bad = (self.first_bad < 0) & ~torch.isfinite(self.loss.detach()).all()
-        self.first_bad.masked_fill_(bad, self.iter)
-        if (self.iter + 1) % self.every == 0:
-            self._check()
-
-    def after_train(self):
-        self._check()
-
-    def _check(self):
-        if self.first_bad is not None and int(self.first_bad) >= 0:
-            raise NonFiniteLoss(f"loss became NaN or inf at epoch {self.epoch + 1}, batch {int(self.first_bad) + 1}: "
-                                f"lower --lr (now {self.opt.hypers[-1]['lr']:.3g}) or check the data")
-
-
 class Plateau(ReduceLROnPlateau):
     """fastai's ReduceLROnPlateau (acting on fastai's own SGD) whose `best` and `wait` survive a resume, and
     which skips, as the RunLogger does, the epochs a resume skips (they have no metrics to track)."""
