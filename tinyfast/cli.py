@@ -6,7 +6,6 @@ can be done from a REPL. Errors a user can act on are one line on stderr and a n
 """
 from __future__ import annotations
 
-import os
 import sys
 from contextlib import contextmanager, nullcontext
 from enum import Enum

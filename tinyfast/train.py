@@ -26,6 +26,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -43,8 +44,8 @@ from .errors import NonFiniteLoss, RunError, RunInterrupted
 from .distributed import (distributed_context, is_main_process, main_process_first, on_main,
                           setup_distributed, unwrap_model, world_size)
 from .learner import CompileModel, FastDevice, tiny_learner
-from .layout import (CHECKPOINT, CONFIG, CURVES, INTERRUPTED, LEARNER, METRICS, MODEL, SCHEDULE, SUMMARY, TTA,
-                     atomic_save, atomic_write_text, save_figure)
+from .layout import (CHECKPOINT, CONFIG, CURVES, INTERRUPTED, LEARNER, LR_FIND_PNG, METRICS, MODEL, SCHEDULE, SUMMARY,
+                     TTA, atomic_save, atomic_write_text, save_figure)
 from .runlog import run_log
 
 # time and elapsed: wall seconds of the epoch and of the run so far, validation and checkpoints included;
@@ -320,117 +321,55 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
     `resume=True` continues `out` (or the newest run under runs/) from its checkpoint, with its saved settings;
     an argument that differs from them is applied if `resume_changes` allows it and refused otherwise. Which
     arguments the caller set: `changed` (the CLI passes the flags on its command line), else those that differ
-    from their defaults."""
+    from their defaults.
+
+    The run's configuration is one object from here on, `run` (the arguments, or on a resume the saved ones
+    with the allowed changes), and it is what config.json keeps under "args"."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
             if k not in ("command", "cbs", "quiet", "resume", "out", "changed")}
-    if schedule not in SCHEDULES:
-        raise RunError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
-    if epochs < 1:
-        raise RunError(f"--epochs must be at least 1, not {epochs}")
-    if log not in TRACKERS:
-        raise RunError(f"--log must be one of {', '.join(TRACKERS)}, not {log!r}")
-    _check_tracker(log)
-    if mixup > 0 and cutmix > 0:
-        raise RunError("--mixup and --cutmix are alternatives: give one of them, not both")
-    if not 0.0 <= ema < 1.0:
-        raise RunError(f"--ema is a decay in [0, 1) (0 for none, 0.999 is usual), not {ema}")
-    if progressive and not 0 < progressive <= size:
-        raise RunError(f"--progressive is the first epochs' size, in (0, --size={size}] (0 for none), not {progressive}")
+    _check_arguments(args)
     command = command or shlex.join([Path(sys.executable).name] + sys.argv)
     setup_distributed()  # a no-op unless launched by torchrun / accelerate launch
-    start, resumed_with = None, None
     if resume:
-        run_dir = Path(out) if out is not None else latest_run()
-        if not (run_dir / CHECKPOINT).exists():
-            raise RunError(f"{run_dir} has no checkpoint.pth to resume from")
-        try:
-            config = json.loads((run_dir / CONFIG).read_text())
-            saved = config["args"]
-        except (OSError, ValueError, KeyError) as e:
-            raise RunError(f"cannot resume: {run_dir / CONFIG} is unreadable ({e.__class__.__name__}); "
-                           f"nothing in {run_dir} was changed") from None
-        start = read_checkpoint(run_dir)
-        defaults = {k: p.default for k, p in inspect.signature(fit).parameters.items()}
-        requested = {k: v for k, v in args.items()
-                     if (k in changed if changed is not None else v != defaults[k]) and v is not None}
-        applied = resume_changes(saved, requested, start["epoch"])
-        args = {**saved, **applied}
-        if applied and {k for k in applied if k != "data"}:
-            config["args"] = args
-            config.setdefault("resumed", []).append({"after_epoch": start["epoch"], "changed": applied,
-                                                    "command": command})
-            on_main(atomic_write_text, run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
-            resumed_with = "resuming with " + ", ".join(f"{k}={v} (saved: {saved.get(k)})" for k, v in applied.items())
+        run_dir, args, start, resumed_with = _resume(out, args, changed, command)
     else:
-        run_dir = on_main(new_run_dir, out)  # one folder, named by rank 0
-    with run_log(run_dir, header=command) if is_main_process() else nullcontext():  # rank 0 writes log.txt
-        if resumed_with and not quiet:
+        run_dir, start, resumed_with = on_main(new_run_dir, out), None, None  # one folder, named by rank 0
+    run = SimpleNamespace(**{**RUN_DEFAULTS, **args})  # a saved config of an older version lacks the newer keys
+    main = is_main_process()
+    with run_log(run_dir, header=command) if main else nullcontext():  # rank 0 writes log.txt
+        if resumed_with and not quiet and main:
             print(resumed_with)
-        a = args
-        set_seed(a["seed"])
+        set_seed(run.seed)
         with main_process_first():  # rank 0 decodes the image cache, the others reuse it
-            dls = tiny_imagenet_dls(a["data"], bs=a["bs"], size=a["size"], num_workers=a["num_workers"],
-                                    aug=None if a["aug"] else False, classes=a["classes"],
-                                    train_per_class=a["train_per_class"], progress=not quiet)
-        learn = tiny_learner(dls, stem=a["stem"], wd=a["wd"], mom=a["mom"], label_smoothing=a["label_smoothing"],
-                             precision=a["precision"])
+            dls = tiny_imagenet_dls(run.data, bs=run.bs, size=run.size, num_workers=run.num_workers,
+                                    aug=None if run.aug else False, classes=run.classes,
+                                    train_per_class=run.train_per_class, progress=not quiet)
+        learn = tiny_learner(dls, stem=run.stem, wd=run.wd, mom=run.mom, label_smoothing=run.label_smoothing,
+                             precision=run.precision)
         learn.path, learn.model_dir = run_dir, "."
-        main, processes = is_main_process(), world_size()
-
-        def start_run():  # rank 0 alone (on_main): it writes the files; the others take its LR
-            with learn.no_bar():  # summary runs one batch through get_preds, which would draw an "Epoch 1/1" bar
-                summary = learn.summary()
-            (run_dir / SUMMARY).write_text(summary)
-            if not quiet:
-                print(summary)
-            config = {"command": command, "args": dict(args),
-                      "versions": versions(), "device": str(dls.device), "processes": processes,
-                      "dataset": dataset_info(dls),
-                      "started": datetime.now().isoformat(timespec="seconds")}
-            atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
-            if a["lr"] != "auto":
-                return a["lr"]
-            from .lr_range import lr_range_test, write_lr_range
-            result = lr_range_test(learn, mode=a["lr_mode"], num_it=a["lr_num_it"],
-                                   val_batches=a.get("lr_val_batches", 2))
-            write_lr_range(result, run_dir)
-            config["args"]["lr_picked"] = result.suggested_lr
-            atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
-            print(f"lr auto: {result.suggested_lr:.3g} ({result.reason}); curve in {run_dir / 'lr_find.png'}")
-            return result.suggested_lr
-
-        if start is None:
-            a["lr_picked"] = on_main(start_run)
-        lr = float(a.get("lr_picked", a["lr"]))
+        if start is None:  # rank 0 writes the files and picks the LR; the others take its LR
+            run.lr_picked = on_main(_start_run, learn, run_dir, run, command, world_size(), quiet)
         logger = RunLogger(run_dir, start)
-        run_cbs = [logger, StopOnNaN()] + lever_callbacks(a, start) + tracker_callbacks(a, run_dir, start, quiet) + list(cbs or [])
-        if a.get("compile"):
+        run_cbs = ([logger, StopOnNaN()] + lever_callbacks(vars(run), start)
+                   + tracker_callbacks(vars(run), run_dir, start, quiet) + list(cbs or []))
+        if run.compile:
             run_cbs.append(CompileModel())
-        if a["schedule"] == "plateau":
-            run_cbs.append(Plateau(monitor=a["monitor"], patience=a["patience"], factor=a["factor"],
+        if run.schedule == "plateau":
+            run_cbs.append(Plateau(monitor=run.monitor, patience=run.patience, factor=run.factor,
                                    state=start and start["plateau"], start_epoch=start["epoch"] if start else 0))
+        lr = float(run.lr_picked if run.lr_picked is not None else run.lr)
         start_epoch = 0
         if start is not None:
-            learn.model.load_state_dict(start["model"])
-            learn.create_opt()
-            learn.opt.load_state_dict(start["opt"])
-            start_epoch = start["epoch"]
-            learn.dls.train.rng.setstate(start["dl_rng"])
-            random.setstate(start["py_rng"])
-            np.random.set_state(start["np_rng"])
-            torch.set_rng_state(start["torch_rng"])
-            if a["schedule"] == "plateau":
-                lr = start["lr"]
+            start_epoch = _load_checkpoint(learn, start)
+            lr = start["lr"] if run.schedule == "plateau" else lr
             if not quiet and main:
-                print(f"resuming {run_dir} after epoch {start_epoch}/{a['epochs']}")
+                print(f"resuming {run_dir} after epoch {start_epoch}/{run.epochs}")
         t0 = time.perf_counter()
         try:
-            ctx = ContextManagers([learn.no_bar(), learn.no_logging()]) if quiet else nullcontext()
-            with ctx, distributed_context(learn), sigterm_as_interrupt():
-                if a["schedule"] == "one-cycle":
-                    learn.fit_one_cycle(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
-                else:
-                    learn.fit(a["epochs"], lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
+            with (ContextManagers([learn.no_bar(), learn.no_logging()]) if quiet else nullcontext(),
+                  distributed_context(learn), sigterm_as_interrupt()):
+                schedule = learn.fit_one_cycle if run.schedule == "one-cycle" else learn.fit
+                schedule(run.epochs, lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
         except KeyboardInterrupt:
             _cleanup(learn)
             if main:
@@ -447,21 +386,113 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         seconds = time.perf_counter() - t0
         if (run_dir / MODEL).exists():  # complete on every rank: distributed_context waits for rank 0
             learn.model.load_state_dict(torch.load(run_dir / MODEL))
-        tta_scores = None
-        if a.get("tta"):
-            tta_scores = tta_accuracy(learn)
-            if main:
-                atomic_write_text(run_dir / TTA, json.dumps({**tta_scores, "without_tta": logger.best}, indent=2) + "\n")
-                if not quiet:
-                    print(f"with TTA: top-1 {tta_scores['accuracy']:.4f} (without: {logger.best:.4f}), top-5 {tta_scores['top5']:.4f}")
+        tta_scores = _score_with_tta(learn, run_dir, logger.best, quiet) if run.tta else None
         if main:
             write_plots(run_dir, logger)
             learn.export(LEARNER)
-        if a.get("log") == "wandb" and main:
-            import wandb
-            wandb.finish()
+            if run.log == "wandb":
+                import wandb
+                wandb.finish()
         return FitResult(learn, run_dir, logger.best, logger.best_epoch, seconds,
                          tta_scores["accuracy"] if tta_scores else None)
+
+
+# The arguments of `fit` that make up a run's configuration (config.json "args"), with their defaults.
+RUN_DEFAULTS = {k: p.default for k, p in inspect.signature(fit).parameters.items()
+                if k not in ("command", "cbs", "quiet", "resume", "out", "changed")} | {"lr_picked": None}
+
+
+def _check_arguments(args: dict) -> None:
+    """The checks no other layer makes, before any folder exists (the CLI checks the numeric ranges)."""
+    if args["schedule"] not in SCHEDULES:
+        raise RunError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {args['schedule']!r}")
+    if args["epochs"] < 1:
+        raise RunError(f"--epochs must be at least 1, not {args['epochs']}")
+    if args["log"] not in TRACKERS:
+        raise RunError(f"--log must be one of {', '.join(TRACKERS)}, not {args['log']!r}")
+    _check_tracker(args["log"])
+    if args["mixup"] > 0 and args["cutmix"] > 0:
+        raise RunError("--mixup and --cutmix are alternatives: give one of them, not both")
+    if not 0.0 <= args["ema"] < 1.0:
+        raise RunError(f"--ema is a decay in [0, 1) (0 for none, 0.999 is usual), not {args['ema']}")
+    if args["progressive"] and not 0 < args["progressive"] <= args["size"]:
+        raise RunError(f"--progressive is the first epochs' size, in (0, --size={args['size']}] (0 for none), "
+                       f"not {args['progressive']}")
+
+
+def _resume(out: Path | str | None, args: dict, changed: set[str] | None,
+            command: str) -> tuple[Path, dict, dict, str | None]:
+    """(run folder, the run's arguments: saved, with the changes `resume_changes` allows, its checkpoint, and
+    the line that says what changed, if anything did)."""
+    run_dir = Path(out) if out is not None else latest_run()
+    if not (run_dir / CHECKPOINT).exists():
+        raise RunError(f"{run_dir} has no checkpoint.pth to resume from")
+    try:
+        config = json.loads((run_dir / CONFIG).read_text())
+        saved = config["args"]
+    except (OSError, ValueError, KeyError) as e:
+        raise RunError(f"cannot resume: {run_dir / CONFIG} is unreadable ({e.__class__.__name__}); "
+                       f"nothing in {run_dir} was changed") from None
+    start = read_checkpoint(run_dir)
+    requested = {k: v for k, v in args.items()
+                 if (k in changed if changed is not None else v != RUN_DEFAULTS[k]) and v is not None}
+    applied = resume_changes(saved, requested, start["epoch"])
+    args = {**saved, **applied}
+    if applied and {k for k in applied if k != "data"}:
+        config["args"] = args
+        config.setdefault("resumed", []).append({"after_epoch": start["epoch"], "changed": applied, "command": command})
+        on_main(atomic_write_text, run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+        return run_dir, args, start, "resuming with " + ", ".join(f"{k}={v} (saved: {saved.get(k)})"
+                                                                  for k, v in applied.items())
+    return run_dir, args, start, None
+
+
+def _start_run(learn: Learner, run_dir: Path, run: SimpleNamespace, command: str, processes: int,
+               quiet: bool) -> float | None:
+    """A new run's files before its first epoch (summary.txt, config.json), and with `--lr auto` the range test
+    (lr_find.*); returns the LR it picked, or None. Rank 0 alone (`on_main`, inside which the world is one
+    process: `processes` is counted outside)."""
+    with learn.no_bar():  # summary runs one batch through get_preds, which would draw an "Epoch 1/1" bar
+        summary = learn.summary()
+    (run_dir / SUMMARY).write_text(summary)
+    if not quiet:
+        print(summary)
+    args = {k: v for k, v in vars(run).items() if k != "lr_picked"}
+    config = {"command": command, "args": args, "versions": versions(), "device": str(learn.dls.device),
+              "processes": processes, "dataset": dataset_info(learn.dls),
+              "started": datetime.now().isoformat(timespec="seconds")}
+    atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+    if run.lr != "auto":
+        return None
+    from .lr_range import lr_range_test, write_lr_range
+    result = lr_range_test(learn, mode=run.lr_mode, num_it=run.lr_num_it, val_batches=run.lr_val_batches)
+    write_lr_range(result, run_dir)
+    config["args"]["lr_picked"] = result.suggested_lr
+    atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+    print(f"lr auto: {result.suggested_lr:.3g} ({result.reason}); curve in {run_dir / LR_FIND_PNG}")
+    return result.suggested_lr
+
+
+def _load_checkpoint(learn: Learner, start: dict) -> int:
+    """The model, optimizer and every random state of the checkpoint `start`; returns the epochs it had done."""
+    learn.model.load_state_dict(start["model"])
+    learn.create_opt()
+    learn.opt.load_state_dict(start["opt"])
+    learn.dls.train.rng.setstate(start["dl_rng"])
+    random.setstate(start["py_rng"])
+    np.random.set_state(start["np_rng"])
+    torch.set_rng_state(start["torch_rng"])
+    return start["epoch"]
+
+
+def _score_with_tta(learn: Learner, run_dir: Path, best: float, quiet: bool) -> dict:
+    """fastai's `tta` on the best model; tta.json and a line (rank 0)."""
+    scores = tta_accuracy(learn)
+    if is_main_process():
+        atomic_write_text(run_dir / TTA, json.dumps({**scores, "without_tta": best}, indent=2) + "\n")
+        if not quiet:
+            print(f"with TTA: top-1 {scores['accuracy']:.4f} (without: {best:.4f}), top-5 {scores['top5']:.4f}")
+    return scores
 
 
 def _check_tracker(log: str) -> None:
@@ -572,12 +603,11 @@ def load_run(run_dir: Path | str, data: Path | str | None = None, bs: int | None
     if not weights.exists():
         raise RunError(f"{run_dir} has no model.pth yet (did its first epoch finish?)")
     cfg = json.loads(cfg_file.read_text())
-    a = cfg["args"]
-    dls = tiny_imagenet_dls(data or a["data"] or cfg["dataset"]["root"], bs=bs or a["bs"], size=a["size"],
-                            num_workers=num_workers if num_workers is not None else a.get("num_workers"),
-                            aug=None if a.get("aug", True) else False, classes=a.get("classes"),
-                            train_per_class=a.get("train_per_class"))
-    learn = tiny_learner(dls, stem=a["stem"], label_smoothing=a["label_smoothing"], precision=precision or a["precision"])
+    run = SimpleNamespace(**{**RUN_DEFAULTS, **cfg["args"]})
+    dls = tiny_imagenet_dls(data or run.data or cfg["dataset"]["root"], bs=bs or run.bs, size=run.size,
+                            num_workers=num_workers if num_workers is not None else run.num_workers,
+                            aug=None if run.aug else False, classes=run.classes, train_per_class=run.train_per_class)
+    learn = tiny_learner(dls, stem=run.stem, label_smoothing=run.label_smoothing, precision=precision or run.precision)
     learn.model.load_state_dict(torch.load(weights, map_location="cpu"))
     learn.path, learn.model_dir = run_dir, "."
     return learn
