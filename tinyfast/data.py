@@ -40,7 +40,7 @@ from PIL import Image
 import albumentations as alb  # after fastai: `from fastai.vision.all import *` would bind `A`
 
 from .dataset import DatasetError, read_val_annotations, read_wnids, read_words, resolve_dataset
-from .layout import is_val  # the splitter; a learner.pkl written before 2026-12-02 finds it here, as tinyfast.data.is_val
+from .layout import is_val, train_wnid  # is_val: the splitter; a learner.pkl of before 2026-12-02 finds it here
 
 # Per-channel statistics of the TinyImageNet training set (RGB, 0-1 scale).
 TINY_MEAN = (0.4802, 0.4481, 0.3975)
@@ -282,7 +282,7 @@ class TinyLabel:
 
     def __call__(self, path: Path | str) -> str:
         path = Path(path)
-        return self.val_wnids[path.name] if is_val(path) else path.parent.parent.name
+        return self.val_wnids[path.name] if is_val(path) else train_wnid(path)
 
 
 def _images_in(folder: Path) -> list[Path]:
