@@ -18,11 +18,6 @@ from conftest import CAM_SIZE as SIZE
 
 
 @pytest.fixture(scope="module")
-def dls(cam_dls):
-    return cam_dls
-
-
-@pytest.fixture(scope="module")
 def learn(cam_learn):
     return cam_learn
 
