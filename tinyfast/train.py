@@ -288,6 +288,9 @@ def latest_run(runs: Path = Path("runs")) -> Path:
     return found[-1]
 
 
+NOT_RUN_ARGS = ("command", "cbs", "quiet", "resume", "out", "changed")  # of fit: not saved in config.json
+
+
 @dataclass
 class FitResult:
     learn: Learner
@@ -325,8 +328,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
 
     The run's configuration is one object from here on, `run` (the arguments, or on a resume the saved ones
     with the allowed changes), and it is what config.json keeps under "args"."""
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items()
-            if k not in ("command", "cbs", "quiet", "resume", "out", "changed")}
+    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in NOT_RUN_ARGS}
     _check_arguments(args)
     command = command or shlex.join([Path(sys.executable).name] + sys.argv)
     setup_distributed()  # a no-op unless launched by torchrun / accelerate launch
@@ -397,9 +399,10 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
                          tta_scores["accuracy"] if tta_scores else None)
 
 
-# The arguments of `fit` that make up a run's configuration (config.json "args"), with their defaults.
+# The arguments of `fit` that make up a run's configuration (config.json "args"), with their defaults; the others
+# say how to run it, not what it is.
 RUN_DEFAULTS = {k: p.default for k, p in inspect.signature(fit).parameters.items()
-                if k not in ("command", "cbs", "quiet", "resume", "out", "changed")} | {"lr_picked": None}
+                if k not in NOT_RUN_ARGS} | {"lr_picked": None}
 
 
 def _check_arguments(args: dict) -> None:
