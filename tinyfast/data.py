@@ -40,7 +40,7 @@ from PIL import Image
 import albumentations as alb  # after fastai: `from fastai.vision.all import *` would bind `A`
 
 from .dataset import DatasetError, read_val_annotations, read_wnids, read_words, resolve_dataset
-from .layout import is_val, train_wnid  # is_val: the splitter; a learner.pkl of before 2026-12-02 finds it here
+from .layout import atomic_write, is_val, train_wnid  # is_val: the splitter, found here by an older learner.pkl
 
 # Per-channel statistics of the TinyImageNet training set (RGB, 0-1 scale).
 TINY_MEAN = (0.4802, 0.4481, 0.3975)
@@ -210,18 +210,20 @@ class DecodedImages:
         return self._row_of.get(str(path))
 
     def build(self, n_threads: int | None = None, progress: bool = True) -> None:
-        """Decode with a few threads (cv2 releases the GIL) straight into the memory-mapped file."""
+        """Decode with a few threads (cv2 releases the GIL) straight into the memory-mapped file, written
+        atomically (`atomic_write`): a run killed mid-decoding leaves no cache, never half of one."""
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(self.files), self.size, self.size, 3))
         chunk = 512
         starts = range(0, len(self.files), chunk)
 
-        def decode(start: int) -> None:
-            for i in range(start, min(start + chunk, len(self.files))):
-                out[i] = load_rgb(self.files[i], self.size)
+        def write(tmp: Path) -> None:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
+                                            shape=(len(self.files), self.size, self.size, 3))
 
-        try:
+            def decode(start: int) -> None:
+                for i in range(start, min(start + chunk, len(self.files))):
+                    out[i] = load_rgb(self.files[i], self.size)
+
             with ThreadPoolExecutor(n_threads or min(8, os.cpu_count() or 1)) as pool:
                 done = pool.map(decode, starts)
                 if progress:  # not progress_bar(display=False): its console bar still clears its line at the end
@@ -231,9 +233,8 @@ class DecodedImages:
                     pass
             out.flush()
             del out
-            os.replace(tmp, self.file)
-        finally:
-            tmp.unlink(missing_ok=True)
+
+        atomic_write(self.file, write)
 
 
 def file_stats_digest(files: list[Path]) -> str:
