@@ -83,7 +83,7 @@ class LRRangeResult:
 # Leaving the Learner as it was
 # ---------------------------------------------------------------------------------------------------------
 _RECORDER_ATTRS = ("lrs", "iters", "losses", "values", "hps", "metric_names")
-_LEARNER_ATTRS = ("epoch", "n_epoch", "train_iter", "pct_train", "final_record", "smooth_loss")
+_LEARNER_ATTRS = ("epoch", "n_epoch", "train_iter", "pct_train", "final_record", "smooth_loss", "path", "model_dir")
 _MISSING = object()
 
 
@@ -119,19 +119,6 @@ def _unchanged(learn: Learner) -> Iterator[callable]:
                 delattr(obj, name)
 
 
-@contextmanager
-def _scratch_path(learn: Learner) -> Iterator[None]:
-    """fastai's `LRFinder` saves the model to `learn.path/learn.model_dir`: a temporary folder, not the dataset
-    root (maybe read-only) or a run folder."""
-    path, model_dir = learn.path, learn.model_dir
-    with tempfile.TemporaryDirectory(prefix="tinyfast-lr-") as tmp:
-        learn.path, learn.model_dir = Path(tmp), "models"
-        try:
-            yield
-        finally:
-            learn.path, learn.model_dir = path, model_dir
-
-
 # ---------------------------------------------------------------------------------------------------------
 # The sweeps
 # ---------------------------------------------------------------------------------------------------------
@@ -140,7 +127,10 @@ def _fastai_sweep(learn: Learner, start_lr: float, end_lr: float, num_it: int):
     notes). Guarded against fastai #3658, a curve too short for the rules."""
     guard, found, notes = StopOnNaN(every=1, cancel=True), {}, []
     funcs = tuple(rule for rule, _ in FASTAI_RULES.values())
-    with _scratch_path(learn), learn.added_cbs(guard):
+    with tempfile.TemporaryDirectory(prefix="tinyfast-lr-") as tmp, learn.added_cbs(guard):
+        # LRFinder saves the model under learn.path: not the dataset root (maybe read-only) or a run folder.
+        # `_unchanged` puts path and model_dir back.
+        learn.path, learn.model_dir = Path(tmp), "models"
         try:
             found = learn.lr_find(start_lr, end_lr, num_it, stop_div=True, show_plot=False,
                                   suggest_funcs=funcs)._asdict()
