@@ -101,10 +101,10 @@ def test_grid_of_given_images(cam_learn, tmp_path):
     assert titles[3].startswith("mine.png\npred: ")  # no label known for a file outside the dataset
     # dataset images get their annotated box drawn, from val_annotations.txt or the class's boxes file
     annotations = read_val_annotations(root)
-    assert dataset_box(val[0], root, annotations, read_train_boxes) == annotations[val[0].name][1]
+    assert dataset_box(val[0], root, annotations) == annotations[val[0].name][1]
     boxes = read_train_boxes(root, cam_learn.dls.vocab[0])
-    assert dataset_box(train, root, annotations, read_train_boxes) == boxes[train.name]
-    assert dataset_box(outside, root, annotations, read_train_boxes) is None
+    assert dataset_box(train, root, annotations) == boxes[train.name]
+    assert dataset_box(outside, root, annotations) is None
     assert dataset_label(val[0], root, annotations) == annotations[val[0].name][0]
     assert dataset_label(train, root, annotations) == cam_learn.dls.vocab[0]
     assert dataset_label(outside, root, annotations) is None

@@ -22,16 +22,16 @@ def test_label_and_box_of_dataset_images_only(tiny_root, tmp_path):
     ann = read_val_annotations(tiny_root)
     name, (wnid, box) = sorted(ann.items())[0]
     val = tiny_root / "val" / "images" / name
-    assert dataset_label(val, tiny_root, ann) == wnid and dataset_box(val, tiny_root, ann, read_train_boxes) == box
+    assert dataset_label(val, tiny_root, ann) == wnid and dataset_box(val, tiny_root, ann) == box
     w = sorted(p.name for p in (tiny_root / "train").iterdir())[0]
     train = sorted((tiny_root / "train" / w / "images").iterdir())[0]
     assert dataset_label(train, tiny_root, ann) == w
-    assert dataset_box(train, tiny_root, ann, read_train_boxes) == read_train_boxes(tiny_root, w)[train.name]
+    assert dataset_box(train, tiny_root, ann) == read_train_boxes(tiny_root, w)[train.name]
     # a file named like a val image but outside the dataset has neither
     elsewhere = tmp_path / "val" / "images" / name
     assert dataset_label(elsewhere, tiny_root, ann) is None
-    assert dataset_box(elsewhere, tiny_root, ann, read_train_boxes) is None
-    assert dataset_box(val, None, ann, read_train_boxes) is None
+    assert dataset_box(elsewhere, tiny_root, ann) is None
+    assert dataset_box(val, None, ann) is None
 
 
 def test_relocate_keeps_the_part_from_the_split_on(tmp_path):

@@ -24,7 +24,7 @@ from torch import nn
 
 from .cam import CAM_METHODS, cam_class, cam_overlay, compute_cams, denormalise, resolve_layer
 from .data import check_images, class_names
-from .dataset import DatasetError, read_train_boxes, read_val_annotations
+from .dataset import DatasetError, read_val_annotations
 from .layout import GRADCAM_JSON, atomic_write_text, dataset_box, dataset_label, gradcam_figure_name, save_figure
 from .predict import inputs_and_probs, model_inputs
 
@@ -114,7 +114,7 @@ def gradcam_grid(learn: Learner, n: int = 16, method: str = "gradcam", layer: st
         ax.axis("off")
     for k, (path, image, cam, pred, label) in enumerate(zip(paths, rgb, cams, preds, labels)):
         a_img, a_cam = axes[k // cols, 2 * (k % cols)], axes[k // cols, 2 * (k % cols) + 1]
-        box = dataset_box(path, root, annotations, read_train_boxes)
+        box = dataset_box(path, root, annotations)
         box = box_in_input(path, box, image.shape[:2]) if box is not None else None
         overlay = cam_overlay(image, cam, min_side=128, box=box)
         a_img.imshow(cv2.resize(image, overlay.shape[1::-1], interpolation=cv2.INTER_NEAREST))

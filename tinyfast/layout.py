@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 from typing import Callable
 
+from .dataset import read_train_boxes  # the reader of the boxes files (dataset.py imports nothing of tinyfast)
+
 __all__ = ["is_val", "train_wnid", "dataset_label", "dataset_box", "relocate",
            "atomic_save", "atomic_write_text", "atomic_write", "save_figure", "gradcam_figure_name"]
 
@@ -81,10 +83,9 @@ def dataset_label(path: Path | str, root: Path | str | None, val_annotations: di
     return train_wnid(path)
 
 
-def dataset_box(path: Path | str, root: Path | str | None, val_annotations: dict,
-                read_train_boxes: Callable[[Path, str], dict]) -> tuple[int, int, int, int] | None:
+def dataset_box(path: Path | str, root: Path | str | None, val_annotations: dict) -> tuple[int, int, int, int] | None:
     """The annotated box (x0, y0, x1, y1, inclusive pixels) of a dataset image: val from its annotations,
-    train from its class's `<wnid>_boxes.txt` (`read_train_boxes(root, wnid)`); None outside the dataset."""
+    train from its class's `<wnid>_boxes.txt`; None outside the dataset."""
     if root is None:
         return None
     path, root = Path(path), Path(root)
