@@ -17,9 +17,9 @@ from fastai.callback.schedule import slide, valley
 from fastai.torch_core import set_seed
 
 from tinyfast.data import tiny_imagenet_dls
-from tinyfast.learner import tiny_learner
-from tinyfast.lr_range import (DEFAULT_RANGE, LRRangeResult, _unchanged, find_lr, held_out_batches, lr_range_test,
-                               plot_lr_range, smith_rule, write_lr_range)
+from tinyfast.learner import kept_state, tiny_learner
+from tinyfast.lr_range import DEFAULT_RANGE, LRRangeResult, held_out_batches, lr_range_test, smith_rule
+from tinyfast.lr_range_report import find_lr, plot_lr_range, write_lr_range
 from tinyfast.model import resnet18
 
 JSON_KEYS = {"suggested_lr", "mode", "lrs", "losses", "suggestions", "reason"}
@@ -185,11 +185,11 @@ def test_after_a_previous_fit(fitted, mode):
 
 
 def test_plain_lr_find_is_what_needs_the_wrapper(fitted):
-    """Why `_unchanged` exists: fastai's `lr_find` after a fit resets the LR hyper to `learn.lr` (it saves the
+    """Why `kept_state` exists: fastai's `lr_find` after a fit resets the LR hyper to `learn.lr` (it saves the
     optimizer after `fit` has set it), replaces the Recorder's history, and leaves the model in train mode.
-    (Run inside `_unchanged`, which puts `fitted` back for the other tests.)"""
+    (Run inside `kept_state`, which puts `fitted` back for the other tests.)"""
     before = snapshot(fitted)
-    with _unchanged(fitted):
+    with kept_state(fitted):
         with fitted.no_bar():
             fitted.lr_find(num_it=6, show_plot=False, suggest_funcs=None)
         assert fitted.opt.hypers[0]["lr"] == fitted.lr != before["opt"]["hypers"][0]["lr"]

@@ -3,8 +3,8 @@
 The REPL names are the CLI's: `tiny_imagenet_dls` (data), `resnet18` (model), `tiny_learner` (Learner),
 `fit` (a training run with its run folder), `load_run` (a run folder back as a Learner).
 They import on first use (PEP 562), so that `tinyfast --help` does not wait for torch and fastai; so do the
-heavier parts: `tinyfast.lr_range`, `tinyfast.interpret`, `tinyfast.cam` and `tinyfast.cam_report`, `tinyfast.compare`,
-`tinyfast.export`.
+heavier parts: `tinyfast.lr_range` and `tinyfast.lr_range_report`, `tinyfast.interpret`, `tinyfast.cam` and
+`tinyfast.cam_report`, `tinyfast.compare`, `tinyfast.export`.
 """
 from importlib import import_module
 

@@ -217,7 +217,7 @@ def find_lr_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                 val_batches: int = typer.Option(2, help="smith: validation batches measured after each step (as fit --lr auto)")):
     """Run an LR range test on a fresh model; print and save the suggested learning rate."""
     check_ranges(locals())
-    from tinyfast.lr_range import find_lr
+    from tinyfast.lr_range_report import find_lr
     result = run_safely(find_lr, data=data, bs=bs, mode=mode.value, num_it=num_it, start_lr=start_lr, end_lr=end_lr,
                         out=out, size=size, stem=stem.value, precision=precision.value, classes=classes,
                         train_per_class=train_per_class, val_batches=val_batches)

@@ -6,9 +6,10 @@ in fastai's callback idiom, leaving the loss, the metrics and the optimizer stat
 """
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from fastai.callback.core import Callback
@@ -36,6 +37,47 @@ def kept_modes(model: nn.Module) -> Iterator[None]:
     finally:
         for m, training in modes:
             m.training = training
+
+
+_RECORDER_ATTRS = ("lrs", "iters", "losses", "values", "hps", "metric_names")
+_LEARNER_ATTRS = ("epoch", "n_epoch", "train_iter", "pct_train", "final_record", "smooth_loss", "path", "model_dir")
+_MISSING = object()
+
+
+@contextmanager
+def kept_state(learn: Learner) -> Iterator[Callable[[], None]]:
+    """Everything a `fit` changes, put back on exit: weights, BatchNorm buffers, gradients, the optimizer's state
+    and hyper-parameters (or no optimizer), each module's mode, the Recorder's history and the Learner's
+    bookkeeping (path and model_dir included). Yields the function that puts the training state back, for a
+    caller that must start again from it (a range test that sweeps again). fastai's `lr_find` alone does not do
+    this: it saves the optimizer after `fit` has reset its LR, overwrites the Recorder, creates an optimizer
+    where there was none and leaves the model in train mode. Deep copies: a state_dict holds the live tensors."""
+    model, rec = learn.model, getattr(learn, "recorder", None)
+    weights = copy.deepcopy(model.state_dict())
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
+    opt = None if learn.opt is None else copy.deepcopy(learn.opt.state_dict())
+    saved = [(obj, name, getattr(obj, name, _MISSING))   # fit rebinds these (new lists): references suffice
+             for obj, names in ((rec, _RECORDER_ATTRS), (learn, _LEARNER_ATTRS)) if obj is not None for name in names]
+
+    def restore() -> None:  # copies again: the snapshot may be restored more than once, and must stay intact
+        model.load_state_dict(weights)   # copies into the existing tensors: their memory format stays
+        for p, g in zip(model.parameters(), grads):
+            p.grad = None if g is None else g.clone()   # backward accumulates into .grad in place
+        if opt is None:
+            learn.opt = None
+        elif learn.opt is not None:   # fastai's load_state_dict keeps the dicts it is given (hypers, state)
+            learn.opt.load_state_dict(copy.deepcopy(opt))   # state *and* hypers (lr, mom, wd), as they were
+
+    try:
+        with kept_modes(model):
+            yield restore
+    finally:
+        restore()
+        for obj, name, value in saved:
+            if value is not _MISSING:
+                setattr(obj, name, value)
+            elif name in obj.__dict__:
+                delattr(obj, name)
 
 
 def top5(inp: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:

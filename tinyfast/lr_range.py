@@ -2,51 +2,38 @@
 
 * ``mode="fastai"`` is fastai's `Learner.lr_find` itself: an exponential sweep (default 1e-7 to 10) read off
   the smoothed *training* loss by fastai's rules, `valley` first (fastai's default), then `minimum`, `slide`,
-  `steep`. The call is guarded: a curve too short for fastai's rules (fastai #3658: `lr_find` slices
-  ``[num_it//10 : -5]`` and `slide` needs 16 points, so a sweep that `stop_div` ends early raises
-  IndexError/ValueError) falls back to one tenth of the LR at the lowest loss, with a warning.
-* ``mode="smith"`` is Leslie Smith's test (Smith 2017, "Cyclical learning rates"; 2018, "A disciplined
-  approach"), `SmithLRFinder`: a *linear* sweep (default 1e-3 to 1.0) and, after every step, the loss on the
-  same held-out batches in eval mode, a far steadier curve than the training loss of ever-changing batches,
-  and the loss the schedule should improve. Linear, because SGD with momentum on a BatchNorm ResNet peaks at
-  0.05-0.5, which a log sweep from 1e-7 crosses in a dozen steps. `smith_rule` reads it (the largest LR that
-  converges). A fresh model diverges early in such a sweep (a 10-class subset: flat near ln(10) to ~0.03,
-  exploding by ~0.04, the 4th step of 100 to 1.0), so a sweep that diverges within its first quarter is run
+  `steep`. Guarded: a curve too short for fastai's rules (fastai #3658: `lr_find` slices ``[num_it//10 : -5]``
+  and `slide` needs 16 points) falls back to one tenth of the LR at the lowest loss, with a warning.
+* ``mode="smith"`` is Leslie Smith's test (2017, "Cyclical learning rates"; 2018, "A disciplined approach"),
+  `SmithLRFinder`: a *linear* sweep (default 1e-3 to 1.0), after every step the loss on the same held-out
+  batches in eval mode (far steadier than the training loss of ever-changing batches, and the loss the
+  schedule should improve), read by `smith_rule`. A fresh model diverges early in such a sweep (a 10-class
+  subset: exploding by ~0.04, the 4th step of 100), so a sweep that diverges within its first quarter is run
   again from the same state up to where it did (at most `MAX_ZOOMS` times), and the reason says so.
 
-Both leave the Learner exactly as it was (`_unchanged`: one snapshot of weights, BatchNorm buffers, gradients,
-optimizer state and hyper-parameters, or no optimizer, each module's mode, and the Recorder's history of an
-earlier `fit`), which fastai's `lr_find` alone does not: it saves the optimizer after `fit` has reset its LR,
-overwrites the Recorder, creates an optimizer where there was none, leaves the model in train mode and writes a
-`models/` folder under `learn.path` (here a temporary folder). Both end their curve at the first non-finite
-training loss with the guard `fit` uses (`StopOnNaN`); fastai's `stop_div` alone never fires on NaN.
+Both run inside `kept_state` (the Learner exactly as it was afterwards) and end their curve at the first
+non-finite loss with the guard `fit` uses (`StopOnNaN`); fastai's `stop_div` alone never fires on NaN.
+The plot, the files and the `find-lr` command are in `lr_range_report`.
 """
 from __future__ import annotations
 
-import copy
-import json
 import math
 import tempfile
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Iterator
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from fastai.callback.core import CancelFitException, CancelValidException
 from fastai.callback.schedule import ParamScheduler, SchedLin, minimum, slide, steep, valley
 from fastai.learner import Learner
 from fastai.torch_core import to_float
-from matplotlib.figure import Figure
 
 from .callbacks import StopOnNaN
 from .choices import MODES
-from .data import tiny_imagenet_dls
-from .layout import LR_FIND_JSON, LR_FIND_PNG, atomic_write_text, save_figure
-from .learner import kept_modes, tiny_learner
+from .learner import kept_modes, kept_state
 
 DEFAULT_RANGE = {"fastai": (1e-7, 10.0), "smith": (1e-3, 1.0)}
 MIN_RELIABLE_POINTS = 20   # below this many points on the curve, no rule is trustworthy: warn
@@ -80,46 +67,6 @@ class LRRangeResult:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Leaving the Learner as it was
-# ---------------------------------------------------------------------------------------------------------
-_RECORDER_ATTRS = ("lrs", "iters", "losses", "values", "hps", "metric_names")
-_LEARNER_ATTRS = ("epoch", "n_epoch", "train_iter", "pct_train", "final_record", "smooth_loss", "path", "model_dir")
-_MISSING = object()
-
-
-@contextmanager
-def _unchanged(learn: Learner) -> Iterator[callable]:
-    """Everything a sweep's `fit` changes, put back afterwards; yields the function that puts the training state
-    back, for a sweep that must start again from it. Deep copies: a state_dict holds the live tensors."""
-    model, rec = learn.model, getattr(learn, "recorder", None)
-    weights = copy.deepcopy(model.state_dict())
-    grads = [None if p.grad is None else p.grad.detach().clone() for p in model.parameters()]
-    opt = None if learn.opt is None else copy.deepcopy(learn.opt.state_dict())
-    saved = [(obj, name, getattr(obj, name, _MISSING))   # fit rebinds these (new lists): references suffice
-             for obj, names in ((rec, _RECORDER_ATTRS), (learn, _LEARNER_ATTRS)) if obj is not None for name in names]
-
-    def restore() -> None:  # copies again: the snapshot may be restored more than once, and must stay intact
-        model.load_state_dict(weights)   # copies into the existing tensors: their memory format stays
-        for p, g in zip(model.parameters(), grads):
-            p.grad = None if g is None else g.clone()   # backward accumulates into .grad in place
-        if opt is None:
-            learn.opt = None
-        elif learn.opt is not None:   # fastai's load_state_dict keeps the dicts it is given (hypers, state)
-            learn.opt.load_state_dict(copy.deepcopy(opt))   # state *and* hypers (lr, mom, wd), as they were
-
-    try:
-        with kept_modes(model):
-            yield restore
-    finally:
-        restore()
-        for obj, name, value in saved:
-            if value is not _MISSING:
-                setattr(obj, name, value)
-            elif name in obj.__dict__:
-                delattr(obj, name)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The sweeps
 # ---------------------------------------------------------------------------------------------------------
 def _fastai_sweep(learn: Learner, start_lr: float, end_lr: float, num_it: int):
@@ -128,8 +75,8 @@ def _fastai_sweep(learn: Learner, start_lr: float, end_lr: float, num_it: int):
     guard, found, notes = StopOnNaN(every=1, cancel=True), {}, []
     funcs = tuple(rule for rule, _ in FASTAI_RULES.values())
     with tempfile.TemporaryDirectory(prefix="tinyfast-lr-") as tmp, learn.added_cbs(guard):
-        # LRFinder saves the model under learn.path: not the dataset root (maybe read-only) or a run folder.
-        # `_unchanged` puts path and model_dir back.
+        # LRFinder saves the model under learn.path: not the dataset root (maybe read-only) or a run folder;
+        # kept_state puts path and model_dir back.
         learn.path, learn.model_dir = Path(tmp), "models"
         try:
             found = learn.lr_find(start_lr, end_lr, num_it, stop_div=True, show_plot=False,
@@ -286,7 +233,7 @@ def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start
     start_lr, end_lr = float(lo if start_lr is None else start_lr), float(hi if end_lr is None else end_lr)
     _check_args(learn, num_it, start_lr, end_lr, val_batches)
     warnings: list[str] = []
-    with _unchanged(learn) as restore:
+    with kept_state(learn) as restore:
         if mode == "fastai":
             num_it = max(num_it, 6)   # fastai's LRFinder runs at least 6 steps whatever it is asked
             lrs, losses, bad_lr, found, notes = _fastai_sweep(learn, start_lr, end_lr, num_it)
@@ -336,61 +283,3 @@ def lr_range_test(learn: Learner, mode: str = "fastai", num_it: int = 100, start
         reason += f"; held-out loss on {len(held_out)} validation batches" + "".join(f"; {z}" for z in zooms)
     return LRRangeResult(mode=mode, suggested_lr=float(suggested), lrs=lrs, losses=losses, suggestions=suggestions,
                          reason=reason, warnings=warnings, start_lr=start_lr, end_lr=end_lr, num_it=num_it)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Plot and files
-# ---------------------------------------------------------------------------------------------------------
-def plot_lr_range(result: LRRangeResult) -> Figure:
-    """The curve with every suggestion marked and labelled with its value, the suggested LR as a dashed line:
-    log LR axis for fastai's exponential sweep, linear for Smith's."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    lrs, losses = np.asarray(result.lrs, dtype=float), np.asarray(result.losses, dtype=float)
-    log = result.mode == "fastai"
-    if len(lrs):
-        ax.plot(lrs, losses, color="C0", lw=1.2 if log else 0.8, alpha=1 if log else 0.5,
-                label="training loss (smoothed)" if log else "held-out loss")
-        if not log and len(lrs) >= 3:
-            ax.plot(lrs, smooth(losses), color="C0", lw=1.8, label="held-out loss, moving average")
-    x_of = np.log10 if log else (lambda v: v)
-    marked = losses if log or len(lrs) < 3 else smooth(losses)   # smith's rule reads the smoothed curve
-    for i, (name, lr) in enumerate(result.suggestions.items()):
-        y = np.interp(x_of(lr), x_of(lrs), marked) if len(lrs) else np.nan
-        ax.plot(lr, y, "o", ms=7, color=f"C{i + 1}", label=f"{name}: {lr:.2e}")
-    ax.axvline(result.suggested_lr, color="k", ls="--", lw=1, label=f"suggested: {result.suggested_lr:.3g}")
-    if log:
-        ax.set_xscale("log")
-    ax.set_xlabel("learning rate" + (" (log scale)" if log else ""))
-    ax.set_ylabel("training loss (smoothed)" if log else "held-out loss")
-    ax.set_title(f"LR range test ({result.mode}): suggested lr {result.suggested_lr:.3g}")
-    ax.legend(loc="best", fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def write_lr_range(result: LRRangeResult, out: str | Path) -> dict:
-    """lr_find.png and lr_find.json in `out` (created if needed); returns their paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"png": out / LR_FIND_PNG, "json": out / LR_FIND_JSON}
-    save_figure(plot_lr_range(result), paths["png"])
-    payload = asdict(result)
-    payload = {k: payload[k] for k in ("suggested_lr", "mode", "lrs", "losses", "suggestions", "reason", "warnings",
-                                       "start_lr", "end_lr", "num_it")}
-    atomic_write_text(paths["json"], json.dumps(payload, indent=2) + "\n")
-    return paths
-
-
-def find_lr(data: str | Path | None = None, bs: int = 256, mode: str = "smith", num_it: int = 100,
-            start_lr: float | None = None, end_lr: float | None = None, out: str | Path = "lr_find",
-            size: int = 64, stem: str = "cifar", precision: str = "auto", classes: int | None = None,
-            train_per_class: int | None = None, val_batches: int = HELD_OUT_BATCHES) -> LRRangeResult:
-    """`python main.py find-lr`: a range test on a fresh model, written to `out`. Its defaults are `fit --lr
-    auto`'s (Smith's test, 2 held-out batches), so that it shows the pick a run would make."""
-    dls = tiny_imagenet_dls(data, bs=bs, size=size, classes=classes, train_per_class=train_per_class)
-    learn = tiny_learner(dls, stem=stem, precision=precision)
-    result = lr_range_test(learn, mode=mode, num_it=num_it, start_lr=start_lr, end_lr=end_lr,
-                           val_batches=val_batches)
-    write_lr_range(result, out)
-    return result

@@ -467,7 +467,8 @@ def _start_run(learn: Learner, run_dir: Path, run: SimpleNamespace, command: str
     atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
     if run.lr != "auto":
         return None
-    from .lr_range import lr_range_test, write_lr_range
+    from .lr_range import lr_range_test
+    from .lr_range_report import write_lr_range
     result = lr_range_test(learn, mode=run.lr_mode, num_it=run.lr_num_it, val_batches=run.lr_val_batches)
     write_lr_range(result, run_dir)
     config["args"]["lr_picked"] = result.suggested_lr
