@@ -29,7 +29,7 @@ def test_run_log_keeps_lines_and_drops_progress_bar_redraws(tmp_path, capsys):
     assert "\r" not in log and "█" not in log
 
 
-def test_fit_interpret_and_their_quiet_flag_write_log_txt(tiny_root, tmp_path):
+def test_fit_evaluate_interpret_gradcam_and_their_quiet_flag_write_log_txt(tiny_root, tmp_path):
     run = tmp_path / "run"
     res = runner.invoke(app, ["fit", "--data", str(tiny_root), "--out", str(run), "--epochs", "2", "--size", "16",
                               "--bs", "16", "--lr", "0.02", "--quiet"])
@@ -50,3 +50,13 @@ def test_fit_interpret_and_their_quiet_flag_write_log_txt(tiny_root, tmp_path):
     # a flag typed at its default value is still a request: the CLI passes the flags on its command line
     res = runner.invoke(app, ["fit", "--out", str(run), "--resume", "--lr", "0.1"])
     assert res.exit_code == 1 and "--lr 0.1 (saved: 0.02)" in res.output
+    # evaluate and gradcam append their own entries, each headed by a timestamp and the command (here pytest's argv)
+    for command, printed in [(["evaluate", str(run), "--quiet"], "ECE"),
+                             (["gradcam", str(run), "--n", "4", "--score", "--limit", "8", "--quiet"], "pointing game")]:
+        res = runner.invoke(app, command)
+        assert res.exit_code == 0, res.output
+        assert printed in res.output and "█" not in res.output
+        log = (run / "log.txt").read_text()
+        entry = log[len(before):]
+        assert entry.startswith("[20") and printed in entry and "█" not in entry
+        before = log

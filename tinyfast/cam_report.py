@@ -16,6 +16,7 @@ import cv2
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from fastai.callback.progress import ProgressCallback
 from fastai.learner import Learner
 from fastprogress.fastprogress import progress_bar
 from matplotlib.figure import Figure
@@ -163,7 +164,9 @@ def localisation_score(learn: Learner, method: str = "gradcam", limit: int | Non
     if not paths:
         raise DatasetError("the learner has no validation images to score")
     hits, energies, areas, empty = [], [], [], 0
-    for i in progress_bar(range(0, len(paths), batch_size), leave=False):
+    chunks = range(0, len(paths), batch_size)
+    shown = any(isinstance(cb, ProgressCallback) for cb in learn.cbs)   # not inside `learn.no_bar()` (--quiet)
+    for i in progress_bar(chunks, leave=False) if shown else chunks:
         chunk = paths[i:i + batch_size]
         x = model_inputs(learn, chunk, bs=batch_size)
         targets = [vocab.index(annotations[p.name][0]) for p in chunk]
