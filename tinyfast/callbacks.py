@@ -9,6 +9,9 @@ tests (which end their curve there and carry on).
 `torch.optim.swa_utils.AveragedModel` and validates *it*, not the raw weights: the metrics of an EMA run are
 the EMA model's, and the run's model.pth holds the EMA weights (`RunLogger` asks `EMA.averaged_state`).
 
+`SmithLRFinder` is Leslie Smith's LR range test as a callback, as fastai's `LRFinder` is its own (the test
+itself, its rules and the Learner's state kept around it are in `lr_range`).
+
 `ProgressiveResize` trains the first epochs on smaller images (fastai's progressive resizing, as in the
 fast.ai DAWNBench runs), by resizing each training batch on the device: the augmentation still runs once,
 at full size, and validation always sees the full size.
@@ -16,14 +19,18 @@ at full size, and validation always sees the full size.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback, CancelFitException, CancelValidException
+from fastai.callback.schedule import ParamScheduler, SchedLin
+from fastai.torch_core import to_float
 from torch.optim.swa_utils import AveragedModel
 
 from .distributed import unwrap_model
 from .errors import NonFiniteLoss
+from .learner import kept_modes
 
 
 class StopOnNaN(Callback):
@@ -167,3 +174,55 @@ class ProgressiveResize(Callback):
         if x.ndim == 4 and x.shape[-1] != s:
             resized = F.interpolate(x, size=(s, s), mode="bilinear", antialias=True, align_corners=False)
             self.learn.xb = (resized.as_subclass(type(x)),) + tuple(self.xb[1:])
+
+
+class SmithLRFinder(ParamScheduler):
+    """Leslie Smith's range test as a callback: a linear LR sweep from `start_lr` to `end_lr` over `num_it`
+    training steps, and after each step the loss on the fixed `held_out` batches (eval mode, no_grad, the
+    learner's loss function, under the autocast dtype the learner's `FastDevice` trains with, as `validate`
+    would). Like fastai's `LRFinder` it skips validation and stops when the loss diverges; the sweep trains the
+    model, which `lr_range_test` puts back afterwards."""
+    order = 60   # a ParamScheduler: after the Recorder, so the step's LR is already logged
+    divergence = 4.0   # with stop_div, stop once the loss is 4x the best so far (fastai's `LRFinder` rule)
+
+    def __init__(self, held_out: list[tuple], start_lr: float = 1e-3, end_lr: float = 1.0, num_it: int = 100,
+                 stop_div: bool = True):
+        if num_it < 2:
+            raise ValueError(f"num_it must be at least 2 for a sweep, got {num_it}")
+        super().__init__({"lr": SchedLin(start_lr, end_lr)})
+        self.held_out, self.num_it, self.stop_div = held_out, num_it, stop_div
+        self.lrs, self.losses, self.nonfinite_lr = [], [], None
+
+    def before_fit(self):
+        super().before_fit()
+        self.lrs, self.losses, self.nonfinite_lr, self.best = [], [], None, math.inf
+
+    def before_batch(self):
+        self._update_val(self.train_iter / (self.num_it - 1))   # exactly start_lr ... end_lr, linearly
+
+    def after_batch(self):
+        super().after_batch()
+        lr, loss = float(self.opt.hypers[-1]["lr"]), self.held_out_loss()
+        if not math.isfinite(loss):
+            self.nonfinite_lr = lr
+            raise CancelFitException()
+        self.lrs.append(lr)
+        self.losses.append(loss)
+        self.best = min(self.best, loss)
+        if (self.stop_div and loss > self.divergence * self.best) or self.train_iter >= self.num_it:
+            raise CancelFitException()
+
+    def before_validate(self):
+        raise CancelValidException()
+
+    def held_out_loss(self) -> float:
+        model, fast = self.learn.model, getattr(self.learn, "fast_device", None)
+        dtype = fast.dtype() if fast is not None else None
+        device = next(model.parameters()).device
+        total, count = 0.0, 0
+        with kept_modes(model), torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()):
+            model.eval()
+            for *xb, yb in self.held_out:
+                loss = self.learn.loss_func(to_float(model(*xb)), yb)
+                total, count = total + float(loss) * len(yb), count + len(yb)
+        return total / count

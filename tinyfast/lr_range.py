@@ -5,7 +5,7 @@
   `steep`. Guarded: a curve too short for fastai's rules (fastai #3658: `lr_find` slices ``[num_it//10 : -5]``
   and `slide` needs 16 points) falls back to one tenth of the LR at the lowest loss, with a warning.
 * ``mode="smith"`` is Leslie Smith's test (2017, "Cyclical learning rates"; 2018, "A disciplined approach"),
-  `SmithLRFinder`: a *linear* sweep (default 1e-3 to 1.0), after every step the loss on the same held-out
+  `callbacks.SmithLRFinder`: a *linear* sweep (default 1e-3 to 1.0), after every step the loss on the same held-out
   batches in eval mode (far steadier than the training loss of ever-changing batches, and the loss the
   schedule should improve), read by `smith_rule`. A fresh model diverges early in such a sweep (a 10-class
   subset: exploding by ~0.04, the 4th step of 100), so a sweep that diverges within its first quarter is run
@@ -19,25 +19,20 @@ from __future__ import annotations
 
 import math
 import tempfile
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import torch
-from fastai.callback.core import CancelFitException, CancelValidException
-from fastai.callback.schedule import ParamScheduler, SchedLin, minimum, slide, steep, valley
+from fastai.callback.schedule import minimum, slide, steep, valley
 from fastai.learner import Learner
-from fastai.torch_core import to_float
 
-from .callbacks import StopOnNaN
+from .callbacks import SmithLRFinder, StopOnNaN
 from .choices import MODES
-from .learner import kept_modes, kept_state
+from .learner import kept_state
 
 DEFAULT_RANGE = {"fastai": (1e-7, 10.0), "smith": (1e-3, 1.0)}
 MIN_RELIABLE_POINTS = 20   # below this many points on the curve, no rule is trustworthy: warn
-DIVERGENCE_FACTOR = 4.0    # stop a sweep once its loss is 4x the best so far (fastai's `stop_div`)
 SMITH_RISE = 0.10          # Smith rule: the curve "rises" once it is 10% of its descent above its minimum
 SMITH_FLOOR = 0.05         # ... or 5% of the minimum loss, whichever is more: on a flat curve, noise is no rise
 HELD_OUT_BATCHES = 2       # validation batches Smith's test measures after each step: `fit --lr auto`, `find-lr`
@@ -95,57 +90,6 @@ def held_out_batches(learn: Learner, n_batches: int) -> list[tuple]:
     if not batches:
         raise ValueError("smith mode measures the loss on validation batches, but learn.dls.valid is empty")
     return batches
-
-
-class SmithLRFinder(ParamScheduler):
-    """Leslie Smith's range test as a callback: a linear LR sweep from `start_lr` to `end_lr` over `num_it`
-    training steps, and after each step the loss on the fixed `held_out` batches (eval mode, no_grad, the
-    learner's loss function, under the autocast dtype the learner's `FastDevice` trains with, as `validate`
-    would). Like fastai's `LRFinder` it skips validation and stops when the loss diverges; the sweep trains the
-    model, which `lr_range_test` puts back afterwards."""
-    order = 60   # a ParamScheduler: after the Recorder, so the step's LR is already logged
-
-    def __init__(self, held_out: list[tuple], start_lr: float = 1e-3, end_lr: float = 1.0, num_it: int = 100,
-                 stop_div: bool = True):
-        if num_it < 2:
-            raise ValueError(f"num_it must be at least 2 for a sweep, got {num_it}")
-        super().__init__({"lr": SchedLin(start_lr, end_lr)})
-        self.held_out, self.num_it, self.stop_div = held_out, num_it, stop_div
-        self.lrs, self.losses, self.nonfinite_lr = [], [], None
-
-    def before_fit(self):
-        super().before_fit()
-        self.lrs, self.losses, self.nonfinite_lr, self.best = [], [], None, math.inf
-
-    def before_batch(self):
-        self._update_val(self.train_iter / (self.num_it - 1))   # exactly start_lr ... end_lr, linearly
-
-    def after_batch(self):
-        super().after_batch()
-        lr, loss = float(self.opt.hypers[-1]["lr"]), self.held_out_loss()
-        if not math.isfinite(loss):
-            self.nonfinite_lr = lr
-            raise CancelFitException()
-        self.lrs.append(lr)
-        self.losses.append(loss)
-        self.best = min(self.best, loss)
-        if (self.stop_div and loss > DIVERGENCE_FACTOR * self.best) or self.train_iter >= self.num_it:
-            raise CancelFitException()
-
-    def before_validate(self):
-        raise CancelValidException()
-
-    def held_out_loss(self) -> float:
-        model, fast = self.learn.model, getattr(self.learn, "fast_device", None)
-        dtype = fast.dtype() if fast is not None else None
-        device = next(model.parameters()).device
-        total, count = 0.0, 0
-        with kept_modes(model), torch.no_grad(), (torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()):
-            model.eval()
-            for *xb, yb in self.held_out:
-                loss = self.learn.loss_func(to_float(model(*xb)), yb)
-                total, count = total + float(loss) * len(yb), count + len(yb)
-        return total / count
 
 
 def _smith_sweep(learn: Learner, held_out: list[tuple], start_lr: float, end_lr: float, num_it: int):
