@@ -104,7 +104,7 @@ def test_lever_variants_run_through_fits_callbacks(tiny_root, tmp_path, variant)
 
 def test_tinyfast_auto_is_fits_range_test_and_quiet(tiny_root, capsys, monkeypatch):
     """`--lr auto` in the benchmark is the range test `fit --lr auto` runs, with fit's defaults, and its pick is
-    the LR trained at; the test's bars stay out of the benchmark's log. (The sweep is cut to 8 steps: the
+    the LR trained at; the range test's bars stay out of the benchmark's log. (The sweep is cut to 8 steps: the
     mechanics, not the pick, are under test.)"""
     import inspect
 
