@@ -45,6 +45,12 @@ class Witness(Callback):
 
     def __init__(self):
         self.train_batches, self.train_samples, self.valid_batches, self.loaders = [], [], [], set()
+        self.mixed_precision, self.forward_autocast = None, None
+
+    def before_train(self):  # after every before_fit: the model is prepared by accelerate
+        trainer = self.learn.distributed_trainer
+        self.mixed_precision = trainer.accelerator.mixed_precision
+        self.forward_autocast = hasattr(self.learn.model, "_original_forward")  # accelerate's autocast wrapper
 
     def before_epoch(self):
         self.train_batches.append(0)
@@ -89,5 +95,6 @@ if __name__ == "__main__":
                   shard=list(map(int, shard)), train_batches=witness.train_batches,
                   train_samples=witness.train_samples, valid_batches=witness.valid_batches,
                   loaders=sorted(witness.loaders), writes=writes, run_dir=str(result.run_dir),
+                  mixed_precision=witness.mixed_precision, forward_autocast=witness.forward_autocast,
                   best_accuracy=result.best_accuracy)
     (report_dir / f"rank{rank()}.json").write_text(json.dumps(report))

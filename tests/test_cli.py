@@ -43,7 +43,7 @@ PRECISION_COMMANDS = {"fit": [], "find-lr": [], "evaluate": ["RUN"], "interpret"
 @pytest.mark.parametrize("cmd", PRECISION_COMMANDS)
 def test_every_command_that_trains_or_predicts_takes_a_precision(cmd):
     out = plain(runner.invoke(app, cmd.split() + ["--help"], env={"COLUMNS": "200"}).output)
-    assert "--precision" in out and "auto|bf16|fp32" in out, cmd
+    assert "--precision" in out and "auto|bf16|fp16|fp32" in out, cmd
     res = runner.invoke(app, cmd.split() + PRECISION_COMMANDS[cmd] + ["--precision", "fp8"])
     assert res.exit_code == 2, res.output  # refused before any work
 
@@ -159,3 +159,13 @@ def test_a_missing_tracker_package_is_one_line_before_any_folder(tmp_path, monke
     lines = plain(res.output).strip().splitlines()
     assert res.exit_code == 1 and len(lines) == 1 and "pip install wandb" in lines[0], res.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_nan_loss_is_one_line(tiny_root, tmp_path):
+    """fastai puts "Exception occured in `StopOnNaN` ..." on a line before the message of an error raised inside a
+    callback: the CLI still says it in one line."""
+    res = runner.invoke(app, ["fit", "--data", str(tiny_root), "--out", str(tmp_path / "run"), "--epochs", "1",
+                              "--size", "16", "--bs", "8", "--lr", "1e12", "--num-workers", "0", "--quiet"])
+    err = plain(res.output).strip().splitlines()
+    assert res.exit_code == 1 and err[-1].startswith("error: loss became NaN or inf at epoch 1, batch "), err
+    assert not any("Exception occured" in line for line in err)

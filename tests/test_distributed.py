@@ -37,7 +37,8 @@ def launch(tiny_root, tmp_path_factory):
     work, reports = base / "work", base / "reports"
     work.mkdir()
     reports.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+    # as `accelerate launch --mixed_precision fp16` would set it: fit's precision must win (no autocast from accelerate)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "ACCELERATE_MIXED_PRECISION": "fp16",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={N_PROC}",
            str(DRIVER), str(tiny_root), str(work / "run"), str(reports)]
@@ -56,6 +57,13 @@ def test_every_process_ran_a_distributed_fit(launch):
     for r, rep in enumerate(launch["ranks"]):
         assert rep["rank"] == r and rep["world_size"] == N_PROC
         assert rep["loaders"] == ["DistributedDL"], "training and validation must go through fastai's DistributedDL"
+
+
+def test_accelerates_mixed_precision_is_off_whatever_the_launcher_says(launch):
+    """ACCELERATE_MIXED_PRECISION=fp16 would wrap the forward in fp16 autocast, and fastai never calls
+    `accelerator.backward`, so nothing would scale the loss: the precision is fit's (FastDevice's) alone."""
+    for rep in launch["ranks"]:
+        assert rep["mixed_precision"] == "no" and rep["forward_autocast"] is False
 
 
 def test_each_rank_trains_on_its_share_of_every_epoch(launch):
@@ -159,3 +167,28 @@ def test_distributed_dl_runs_on_a_gloo_group(tiny_root, tmp_path, no_launch_env)
         assert (dls.train.num_workers, dls.train.offs) == (2, 1)
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A NaN on one rank: every rank stops, naming the same batch
+# ---------------------------------------------------------------------------------------------------------
+NAN_DRIVER = Path(__file__).with_name("distributed_nan_driver.py")
+
+
+@needs_gloo
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_batch(tiny_root, tmp_path):
+    """Rank 1's loss turns NaN in the last batch of epoch 1, after which rank 0's loss is still finite: the verdict is
+    shared at the check (an all-reduce), so both stop with the same message. Without it, rank 1 alone raises and
+    rank 0 waits for it in validation until the launcher or the process group's timeout kills it."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={N_PROC}",
+           str(NAN_DRIVER), str(tiny_root), str(tmp_path / "run"), str(tmp_path)]
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the ranks did not stop within 240 s:\n{(e.stdout or '')[-3000:]}")
+    reports = [tmp_path / f"nan_rank{r}.json" for r in range(N_PROC)]
+    assert all(p.exists() for p in reports), (proc.stdout + proc.stderr)[-4000:]
+    messages = [json.loads(p.read_text())["error"] for p in reports]
+    assert messages[0] == messages[1] and "NaN or inf at epoch 1, batch 6" in messages[0], messages

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,21 @@ def wheels(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture
+def shuffled_root(tiny_root, tmp_path) -> Path:
+    """tiny_root with wnids.txt out of sorted order, as the real one is: the vocabulary is wnids.txt's order, so a
+    verify that sorted the wnids would count against the wrong classes."""
+    root = tmp_path / "shuffled" / tiny_root.name
+    shutil.copytree(tiny_root, root)
+    wnids = (root / "wnids.txt").read_text().split()
+    (root / "wnids.txt").write_text("\n".join(wnids[2:] + wnids[:2]) + "\n")
+    assert (root / "wnids.txt").read_text().split() != sorted(wnids)
+    return root
+
+
 def test_the_rehearsal_runs_the_three_calls_under_the_device_limits_and_its_weights_evaluate_here(
-        wheels, tiny_root, tmp_path):
-    report = rehearse.rehearse(tiny_root, wheels, tmp_path / "work")
+        wheels, shuffled_root, tmp_path):
+    report = rehearse.rehearse(shuffled_root, wheels, tmp_path / "work")
     calls = report["calls"]
     assert calls["1"]["files"] == ["env.json"] and calls["2"]["files"] == []
     assert calls["3"]["files"] == ["config.json", "curves.png", "log.txt", "metrics.csv", "model.pth.00",

@@ -3,7 +3,12 @@ an EMA of the weights and progressive resizing. (Mixup and CutMix are fastai's o
 test-time augmentation is fastai's `Learner.tta`.)
 
 `StopOnNaN` is the one guard against a non-finite training loss, in `fit` (which reports it) and in the LR range
-tests (which end their curve there and carry on).
+tests (which end their curve there and carry on). Under DDP every rank hears the verdict of all.
+
+`SmoothLossOnDevice` keeps fastai's smoothed training loss on the device, read by the host every `SYNC_EVERY` batches,
+and `MixUpOnDevice` / `CutMixOnDevice` are fastai's `MixUp` / `CutMix` drawing the same random numbers without
+making the host wait for the GPU: a GPU step is queued while the previous one runs only if nothing in a training
+batch reads a value back from the device (tests/test_host_syncs.py counts them).
 
 `EMA` keeps an exponential moving average of the weights and BatchNorm buffers in a
 `torch.optim.swa_utils.AveragedModel` and validates *it*, not the raw weights: the metrics of an EMA run are
@@ -24,13 +29,19 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
+from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.schedule import ParamScheduler, SchedLin
-from fastai.torch_core import to_float
+from fastai.learner import AvgSmoothLoss, Recorder
+from fastai.torch_core import to_float, unsqueeze
+from fastcore.foundation import L
 from torch.optim.swa_utils import AveragedModel
 
-from .distributed import unwrap_model
+from .distributed import all_ranks_min, unwrap_model
 from .errors import NonFiniteLoss
 from .learner import kept_modes
+
+
+SYNC_EVERY = 50  # training batches between two reads of a device value by the host (NaN verdict, smoothed loss)
 
 
 class StopOnNaN(Callback):
@@ -40,12 +51,15 @@ class StopOnNaN(Callback):
     stays on the device: each batch folds "is this loss finite?" into the index of the first bad batch (a tensor
     op, no sync), and that index is read every `every` batches and at the end of each training phase, before
     validation and before the epoch's checkpoint. The message names the first bad batch exactly.
+    Under DDP the index is the minimum over the ranks (one all-reduce at each read, where every rank reads): a
+    NaN on one rank stops them all at the same batch, instead of leaving the others waiting for it in the next
+    collective until the process group times out.
     `cancel=True` (the LR range tests, with `every=1`) ends the fit instead, as fastai's `stop_div` does, with the
     LR of the bad batch in `nonfinite_lr`; running after the loss, before the Recorder's `after_batch`, it keeps
     the bad batch off the curve."""
     order = 15  # right after the loss is computed
 
-    def __init__(self, every: int = 50, cancel: bool = False):
+    def __init__(self, every: int = SYNC_EVERY, cancel: bool = False):
         self.every, self.cancel, self.nonfinite_lr = every, cancel, None
 
     def before_train(self):
@@ -65,14 +79,120 @@ class StopOnNaN(Callback):
         self._check()
 
     def _check(self):
-        if self.first_bad is None or int(self.first_bad) < 0:
+        if self.first_bad is None:
+            return
+        first_bad = int(all_ranks_min(self.first_bad, absent=-1))
+        if first_bad < 0:
             return
         lr = float(self.opt.hypers[-1]["lr"])
         if self.cancel:
             self.nonfinite_lr = lr
             raise CancelFitException()
-        raise NonFiniteLoss(f"loss became NaN or inf at epoch {self.epoch + 1}, batch {int(self.first_bad) + 1}: "
+        raise NonFiniteLoss(f"loss became NaN or inf at epoch {self.epoch + 1}, batch {first_bad + 1}: "
                             f"lower --lr (now {lr:.3g}) or check the data")
+
+
+class DeviceSmoothLoss(AvgSmoothLoss):
+    """fastai's `AvgSmoothLoss` (the same exponential average, the same values) kept where the loss is: fastai's
+    `to_detach` copies each batch's loss to the host first."""
+
+    def accumulate(self, learn):
+        self.count += 1
+        loss = learn.loss.mean().detach()
+        self.val = torch.lerp(loss, self.val.to(loss.device, non_blocking=True), self.beta)  # once: reset's 0
+
+
+class SmoothLossOnDevice(Callback):
+    """The Recorder's smoothed training loss on the device, brought to the host every `every` training batches
+    and at the end of each training phase. fastai's Recorder copies it to the host after every batch and its
+    progress bar reads it with `.item()`: on a GPU each of those makes the host wait for the step to finish. Between
+    two reads `learn.smooth_loss` (the progress bar's comment, the trackers' train_loss) holds the last value read;
+    `recorder.losses` holds every batch's value, as floats once read."""
+    order = Recorder.order + 1  # after the Recorder's after_batch, before the progress bar (60) reads the loss
+
+    def __init__(self, every: int = SYNC_EVERY):
+        self.every = every
+
+    def before_fit(self):
+        self.recorder.smooth_loss = DeviceSmoothLoss(beta=self.recorder.smooth_loss.beta)
+        self.read = len(self.recorder.losses)
+        self.host_value = torch.tensor(float("nan"))
+
+    def after_batch(self):
+        if not self.training or len(self.yb) == 0:
+            return
+        if (self.iter + 1) % self.every == 0:
+            self._read()
+        self.learn.smooth_loss = self.host_value
+
+    def after_train(self):
+        self._read()
+        self.learn.smooth_loss = self.host_value
+
+    def after_cancel_fit(self):
+        self._read()
+
+    def _read(self):
+        """One copy to the host for every value recorded since the last read."""
+        losses = self.recorder.losses
+        if len(losses) > self.read:
+            values = torch.stack([torch.as_tensor(v) for v in losses[self.read:]]).float().cpu().tolist()
+            losses[self.read:] = values
+            self.read = len(losses)
+            self.host_value = torch.tensor(values[-1])
+
+
+class MixUpOnDevice(MixUp):
+    """fastai's `MixUp`, drawing the same numbers in the same order, with its draws sent to the device without
+    waiting (fastai copies them with a blocking `.to`, which waits for the GPU to finish the previous step)."""
+    name = "mix_up"  # `learn.mix_up`, as with fastai's
+
+    def before_batch(self):
+        device = self.x.device
+        lam = self.distrib.sample((self.y.size(0),)).squeeze()
+        lam = torch.stack([lam, 1 - lam], 1).max(1)[0]
+        self.lam = lam.to(device, non_blocking=True)
+        shuffle = torch.randperm(self.y.size(0)).to(device, non_blocking=True)
+        xb1, self.yb1 = tuple(L(self.xb).itemgot(shuffle)), tuple(L(self.yb).itemgot(shuffle))
+        nx_dims = len(self.x.size())
+        self.learn.xb = tuple(L(xb1, self.xb).map_zip(torch.lerp, weight=unsqueeze(self.lam, n=nx_dims - 1)))
+        if not self.stack_y:
+            ny_dims = len(self.y.size())
+            self.learn.yb = tuple(L(self.yb1, self.yb).map_zip(torch.lerp, weight=unsqueeze(self.lam, n=ny_dims - 1)))
+
+
+class CutMixOnDevice(CutMix):
+    """fastai's `CutMix`, drawing the same numbers in the same order, with the box drawn on the host: fastai draws
+    it on the device and then slices the batch with those device tensors, and each slice bound read back makes the
+    host wait for the GPU (four times a batch, plus three blocking copies)."""
+    name = "cut_mix"  # `learn.cut_mix`, as with fastai's
+
+    def before_batch(self):
+        bs, _, H, W = self.x.size()
+        device = self.x.device
+        lam = self.distrib.sample((1,))
+        shuffle = torch.randperm(bs).to(device, non_blocking=True)
+        xb1, self.yb1 = self.x[shuffle], tuple((self.y[shuffle],))
+        x1, y1, x2, y2 = self.host_box(W, H, lam)
+        self.learn.xb[0][..., y1:y2, x1:x2] = xb1[..., y1:y2, x1:x2]
+        self.lam = (1 - torch.tensor([(x2 - x1) * (y2 - y1)]) / float(W * H)).to(device, non_blocking=True)
+        if not self.stack_y:
+            ny_dims = len(self.y.size())
+            self.learn.yb = tuple(L(self.yb1, self.yb).map_zip(torch.lerp, weight=unsqueeze(self.lam, n=ny_dims - 1)))
+
+    @staticmethod
+    def host_box(W: int, H: int, lam: torch.Tensor) -> tuple[int, int, int, int]:
+        """fastai's `rand_bbox`, computed on the host: (x1, y1, x2, y2) as Python ints."""
+        cut_rat = torch.sqrt(1. - lam)
+        cut_w = torch.round(W * cut_rat).type(torch.long)
+        cut_h = torch.round(H * cut_rat).type(torch.long)
+        cx = torch.randint(0, W, (1,))
+        cy = torch.randint(0, H, (1,))
+        x1 = torch.clamp(cx - torch.div(cut_w, 2, rounding_mode="floor"), 0, W)
+        y1 = torch.clamp(cy - torch.div(cut_h, 2, rounding_mode="floor"), 0, H)
+        x2 = torch.clamp(cx + torch.div(cut_w, 2, rounding_mode="floor"), 0, W)
+        y2 = torch.clamp(cy + torch.div(cut_h, 2, rounding_mode="floor"), 0, H)
+        return int(x1), int(y1), int(x2), int(y2)
 
 
 def ema_decay(decay: float, n: int) -> float:

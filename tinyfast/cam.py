@@ -212,7 +212,8 @@ def compute_cams(learn_or_model: Learner | nn.Module, images, targets=None, meth
     `targets` (one int for all, one per image, or None for each image's predicted class). `align` puts
     each feature cell on the pixels it is centred on (`align_cams`); False gives the library's raw output.
 
-    precision: as for `tiny_learner` (auto|bf16|fp32); None follows the Learner's `FastDevice` (bf16 autocast
+    precision: as for `tiny_learner` (auto|bf16|fp16|fp32; fp16, an old GPU's, computes the maps in fp32: its
+    gradients would underflow without loss scaling); None follows the Learner's `FastDevice` (bf16 autocast
     and channels_last where it trains so, 2x faster on a bf16 CPU), and fp32 for a bare model. The maps are
     fp32 either way. The model is put in eval mode for the call and given back its modes; the library's hooks
     and ours are gone when this returns, also after an error."""

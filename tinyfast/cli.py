@@ -85,15 +85,15 @@ def fail(message: str, code: int = 1):
 def run_safely(fn, *args, **kwargs):
     """Call the package; turn the errors a user can act on into one line and a non-zero exit."""
     from tinyfast.dataset import DatasetError
-    from tinyfast.errors import RunError, RunInterrupted
+    from tinyfast.errors import RunError, RunInterrupted, one_line
     try:
         return fn(*args, **kwargs)
     except RunInterrupted as e:
-        fail(str(e), 130)
+        fail(one_line(e), 130)
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except (DatasetError, RunError, ValueError, FileNotFoundError) as e:
-        fail(str(e))
+        fail(one_line(e))
 
 
 def command_line() -> str:
@@ -130,6 +130,18 @@ def download(dest: Path = typer.Option(Path("data"), help="folder to download an
     typer.echo(f"TinyImageNet ready at {root}")
 
 
+@app.command()
+def doctor(data: Optional[Path] = typer.Option(None, help=DATA_HELP)):
+    """Before a long run: the device and its compute capability, whether this torch has kernels for it, the
+    precision `auto` picks there and why, the loader's workers, the dataset and its cache, the versions."""
+    from tinyfast.doctor import doctor as facts, format_doctor, kernel_problem
+    from fastai.torch_core import default_device
+    found = run_safely(facts, data)
+    typer.echo(format_doctor(found))
+    if kernel_problem(default_device()):
+        raise typer.Exit(1)
+
+
 @app.command("fit")
 def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=DATA_HELP),
             epochs: int = typer.Option(30, help="epochs to train"),
@@ -144,7 +156,7 @@ def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=D
             out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<timestamp>]"),
             resume: bool = typer.Option(False, help="continue the run in --out (or the newest under runs/) from its checkpoint"),
             seed: int = typer.Option(42, help="random seed"),
-            precision: Precision = typer.Option(Precision.auto, help="auto: bf16 autocast where the device computes bf16 natively"),
+            precision: Precision = typer.Option(Precision.auto, help="auto: bf16 where native, fp16 (loss-scaled) on a GPU older than sm_80, else fp32; see doctor"),
             num_workers: Optional[int] = typer.Option(None, help="DataLoader workers [default: 0 on CPU; on a GPU min(8, CPU cores)]"),
             monitor: str = typer.Option("valid_loss", help="plateau: the value watched"),
             patience: int = typer.Option(2, help="plateau: epochs without improvement before the LR drops"),

@@ -320,47 +320,10 @@ class CachedBatchDL(TfmdDL):
     _fast_ok = (Resize, ToTensor, AlbumentationsTransform)
 
     def __iter__(self):
-        """fastai's `DataLoader.__iter__`, with two changes. From pinned memory (`pin_memory`, on by default on a
-        GPU) the batch is copied to the device with `non_blocking=True`, so that the host queues the copy behind
-        the running step instead of waiting for the GPU to finish it (fastai copies blocking). And with
-        `persistent_workers` the worker processes live from epoch to epoch (`_batches`); fastai starts them
-        again every epoch, whatever the flag says."""
-        self.randomize()
-        self.before_iter()
-        self._DataLoader__idxs = self.get_idxs()  # in the main process, as fastai does
-        for b in self._batches():
-            if self.pin_memory and type(b) == list:  # pinning turns tuples into lists
-                b = tuple(b)
-            if self.device is not None:
-                b = to_device(b, self.device, non_blocking=self.pin_memory)
-            yield self.after_batch(b)
-        self.after_iter()
-        if hasattr(self, "it"):
-            del self.it
-
-    def _batches(self):
-        """The batches of this epoch: from fastai's own loader iterator, or from persistent workers, which are
-        told the epoch's order and augmentation seed through shared memory (`_epoch_state`): a worker's copy of
-        this DataLoader dates from the epoch it was started in."""
-        workers = self.fake_l.num_workers > 0
-        if not (workers and self.fake_l.persistent_workers and multiprocessing.get_start_method() == "fork"):
-            return _fastai_loaders[not workers](self.fake_l)  # (forked workers share `_epoch_state`'s memory)
-        idxs = torch.as_tensor(list(self._DataLoader__idxs), dtype=torch.int64)
-        state = getattr(self, "_epoch_state", None)
-        if state is None or len(state) != len(idxs) + 1:
-            self._epoch_state = state = torch.zeros(len(idxs) + 1, dtype=torch.int64).share_memory_()
-        state[0], state[1:] = self.epoch_seed, idxs
-        it = getattr(self, "_workers", None)
-        if it is None:
-            self._workers = it = _MultiProcessingDataLoaderIter(self.fake_l)
-        else:
-            it._reset(self.fake_l)  # as torch's DataLoader does for its persistent workers
-        return it
+        return serve_batches(self)
 
     def sample(self):
-        state = getattr(self, "_epoch_state", None)
-        if state is not None and torch.utils.data.get_worker_info() is not None:  # a persistent worker
-            self._DataLoader__idxs, self.epoch_seed = state[1:].tolist(), int(state[0])
+        restore_epoch_in_worker(self)
         return super().sample()
 
     def __getstate__(self):  # the worker processes stay with this object; pickles (learn.export) go without them
@@ -407,6 +370,62 @@ class CachedBatchDL(TfmdDL):
                     x[i] = aug.augment(x[i])
             # NHWC memory seen as NCHW: exactly the channels_last layout the model is run in
             yield TensorImage(torch.from_numpy(x).permute(0, 3, 1, 2)), TensorCategory(torch.from_numpy(targets[idxs]))
+
+
+def _seed_holder(loader) -> CachedBatchDL:
+    """The CachedBatchDL that draws an epoch's augmentation seed: the loader itself, or the one a fastai
+    `DistributedDL` wraps."""
+    return getattr(loader, "dl", loader)
+
+
+def serve_batches(loader):
+    """fastai's `DataLoader.__iter__` for a CachedBatchDL, or for fastai's `DistributedDL` over one (which would
+    otherwise run fastai's own), with two changes. The batch is copied to a device with `non_blocking=True`
+    (from pinned memory, `pin_memory`, on by default on a GPU), so that the host queues the copy behind the running
+    step instead of waiting for the GPU to finish it (fastai copies blocking). And with `persistent_workers` the
+    worker processes live from epoch to epoch (`_epoch_batches`); fastai starts them again every epoch, whatever the
+    flag says."""
+    loader.randomize()
+    loader.before_iter()
+    loader._DataLoader__idxs = loader.get_idxs()  # in the main process, as fastai does
+    non_blocking = loader.pin_memory or (loader.device is not None and torch.device(loader.device).type != "cpu")
+    for b in _epoch_batches(loader):
+        if loader.pin_memory and type(b) == list:  # pinning turns tuples into lists
+            b = tuple(b)
+        if loader.device is not None:
+            b = to_device(b, loader.device, non_blocking=non_blocking)
+        yield loader.after_batch(b)
+    loader.after_iter()
+    if hasattr(loader, "it"):
+        del loader.it
+
+
+def _epoch_batches(loader):
+    """The batches of this epoch: from fastai's own loader iterator, or from persistent workers, which are told
+    the epoch's order and augmentation seed through shared memory (`_epoch_state`): a worker's copy of the loader
+    dates from the epoch it was started in."""
+    workers = loader.fake_l.num_workers > 0
+    if not (workers and loader.fake_l.persistent_workers and multiprocessing.get_start_method() == "fork"):
+        return _fastai_loaders[not workers](loader.fake_l)  # (forked workers share `_epoch_state`'s memory)
+    idxs = torch.as_tensor(list(loader._DataLoader__idxs), dtype=torch.int64)
+    state = getattr(loader, "_epoch_state", None)
+    if state is None or len(state) != len(idxs) + 1:
+        loader._epoch_state = state = torch.zeros(len(idxs) + 1, dtype=torch.int64).share_memory_()
+    state[0], state[1:] = _seed_holder(loader).epoch_seed, idxs
+    it = getattr(loader, "_workers", None)
+    if it is None:
+        loader._workers = it = _MultiProcessingDataLoaderIter(loader.fake_l)
+    else:
+        it._reset(loader.fake_l)  # as torch's DataLoader does for its persistent workers
+    return it
+
+
+def restore_epoch_in_worker(loader) -> None:
+    """In a persistent worker: this epoch's order and augmentation seed, from the shared memory `_epoch_batches`
+    wrote them to (a no-op in the main process and in fastai's own per-epoch workers)."""
+    state = getattr(loader, "_epoch_state", None)
+    if state is not None and torch.utils.data.get_worker_info() is not None:
+        loader._DataLoader__idxs, _seed_holder(loader).epoch_seed = state[1:].tolist(), int(state[0])
 
 
 def default_num_workers(device: torch.device | str | None = None) -> int:

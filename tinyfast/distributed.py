@@ -18,6 +18,12 @@ and with tinyfast's `CachedBatchDL`:
 - `CachedBatchDL` seeds its augmentation per batch from `epoch_seed`, the batch number and the worker: under
   `DistributedDL` every rank would replay the same augmentation sequence, and every worker too (fastai tells
   workers their id on the wrapper, not on the wrapped loader). Both are made distinct below.
+- `DistributedDL` iterates with fastai's own `DataLoader.__iter__`, which starts the loader's workers again every
+  epoch and copies each batch to the GPU blocking: over a `CachedBatchDL` it iterates as that loader does
+  (`serve_batches`: persistent workers told each epoch's shard and seed, non-blocking copies).
+- `accelerate launch --mixed_precision fp16` (ACCELERATE_MIXED_PRECISION) makes fastai's Accelerator wrap the
+  forward in autocast, but fastai calls `loss.backward()`, not `accelerator.backward`: fp16 without loss scaling.
+  The Accelerator is told `mixed_precision="no"`; the precision is `fit --precision`'s, on every rank.
 - fastai's `to_detach` gathers across processes whenever WORLD_SIZE > 1: work done by rank 0 alone (the
   model summary, an LR range test) runs under `single_process`, or every other rank would wait for it.
 - `DistributedDL.rng` reads the wrapped loader's, so a checkpoint written mid-fit saves the stream that
@@ -41,6 +47,7 @@ from fastai.torch_core import distrib_barrier, num_distrib, rank_distrib
 from fastcore.basics import patch
 from torch import nn
 
+from .data import CachedBatchDL, restore_epoch_in_worker, serve_batches
 
 try:
     from fastai.distributed import DistributedDL
@@ -153,6 +160,18 @@ def on_main(fn: Callable[..., Any], *args, **kwargs) -> Any:
     return value
 
 
+def all_ranks_min(value: torch.Tensor, absent: int = -1) -> torch.Tensor:
+    """The smallest `value` over the ranks, where `absent` means "none here" (StopOnNaN's index of the first bad
+    batch): `absent` only if it is absent on every rank. Outside a distributed run, `value` itself. Every rank must
+    call it at the same point, as for any collective."""
+    if not (is_distributed() and dist.is_initialized()):
+        return value
+    big = torch.iinfo(value.dtype).max
+    shared = torch.where(value == absent, big, value).to(collective_device())
+    dist.all_reduce(shared, op=dist.ReduceOp.MIN)
+    return torch.where(shared == big, absent, shared)
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model itself, also while fastai has it wrapped in DistributedDataParallel (its state_dict keys
     would otherwise all start with `module.`)."""
@@ -205,6 +224,23 @@ def _set_rng(self: DistributedDL, rng):
     self.dl.rng = rng
 
 
+_fastai_iter = DistributedDL.__iter__
+_fastai_sample = DistributedDL.sample
+
+
+@patch
+def __iter__(self: DistributedDL):
+    "Over a CachedBatchDL, its own iteration: persistent workers and non-blocking copies. Else fastai's."
+    return serve_batches(self) if isinstance(self.dl, CachedBatchDL) else _fastai_iter(self)
+
+
+@patch
+def sample(self: DistributedDL):
+    "In a persistent worker, this epoch's shard and seed first (as `CachedBatchDL.sample`)."
+    restore_epoch_in_worker(self)
+    return _fastai_sample(self)
+
+
 DistributedDL.rng = property(_get_rng, _set_rng, doc="The wrapped loader's `rng`: it draws the shuffle and the augmentation.")
 
 
@@ -225,7 +261,9 @@ def distributed_context(learn: Learner, sync_bn: bool = True):
 def _distributed(learn: Learner, sync_bn: bool) -> Iterator[Learner]:
     setup_distributed()
     on_cpu = not torch.cuda.is_available()
-    with learn.distrib_ctx(sync_bn=sync_bn and not on_cpu, cpu=on_cpu):
+    # mixed_precision="no": precision is FastDevice's. `accelerate launch --mixed_precision fp16` would otherwise
+    # wrap the forward in fp16 autocast, and fastai never calls `accelerator.backward`: no loss scaling.
+    with learn.distrib_ctx(sync_bn=sync_bn and not on_cpu, cpu=on_cpu, mixed_precision="no"):
         trainer = getattr(learn, "distributed_trainer", None)
         try:
             yield learn

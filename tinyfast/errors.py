@@ -12,3 +12,12 @@ class NonFiniteLoss(RunError):
 
 class RunInterrupted(RunError):
     """Ctrl-C or SIGTERM during `fit`: the checkpoint is kept and the message says how to resume."""
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message without the line fastai puts before an error raised inside a callback ("Exception
+    occured in `StopOnNaN` when calling event `after_loss`:"), which would make the CLI's one line two."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Exception occured in `"):
+        lines = lines[1:]
+    return " ".join(lines)

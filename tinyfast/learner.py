@@ -2,7 +2,8 @@
 
 fastai's `MixedPrecision` and `to_bf16()` autocast on CUDA only; on a CPU with native bf16 (AVX512-BF16, AMX)
 the same model trains ~2x faster under bf16 autocast and channels_last. `FastDevice` does that on any device,
-in fastai's callback idiom, leaving the loss, the metrics and the optimizer state in fp32.
+in fastai's callback idiom, leaving the loss, the metrics and the optimizer state in fp32; on a GPU without native
+bf16 (T4, V100) it trains in fp16 with loss scaling.
 """
 from __future__ import annotations
 
@@ -12,9 +13,8 @@ from functools import partial
 from typing import Callable, Iterator
 
 import torch
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, CancelStepException
 import fastai.callback.schedule  # noqa: F401  (patches Learner.fit_one_cycle, lr_find)
-from fastai.callback.fp16 import MixedPrecision
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
@@ -80,6 +80,16 @@ def kept_state(learn: Learner) -> Iterator[Callable[[], None]]:
                 delattr(obj, name)
 
 
+def optimizer_state_to_params(opt: Optimizer) -> None:
+    """Every tensor of a fastai optimizer's state (momentum buffers) onto its parameter's device. fastai's
+    `Optimizer.load_state_dict` keeps the tensors it is given where they are: a checkpoint read onto the CPU would
+    leave CPU buffers beside CUDA parameters, and the first step would fail."""
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and v.device != p.device:
+                state[k] = v.to(p.device)
+
+
 def top5(inp: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
     """Top-5 accuracy (top-k with k = the number of classes when there are fewer than 5)."""
     return top_k_accuracy(inp, targ, k=min(5, inp.shape[-1]))
@@ -90,52 +100,98 @@ def cpu_has_native_bf16() -> bool:
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype `precision` means on `device`: None for fp32, torch.float16 for CUDA without bf16."""
+NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs whose tensor cores compute bf16
+
+
+def precision_choice(precision: str, device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The autocast dtype `precision` means on `device` (None: fp32), and why, in words (`doctor` prints them).
+
+    `auto` asks for the compute capability, not `torch.cuda.is_bf16_supported()`: that one is True on a T4 or a
+    V100 (capability 7.x) because a bf16 tensor can be *created* there, but their tensor cores compute fp16 only,
+    so bf16 runs emulated, slower, and without the loss scaling fp16 needs. fp16 is what those GPUs are for."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "fp32":
-        return None
+        return None, "fp32, as asked"
+    if precision == "fp16":
+        return torch.float16, "fp16 autocast with loss scaling, as asked"
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if device.type == "cpu" and (precision == "bf16" or cpu_has_native_bf16()):
-        return torch.bfloat16
-    return None
+        major, minor = torch.cuda.get_device_capability(device)
+        native = (major, minor) >= NATIVE_BF16_CAPABILITY
+        if precision == "bf16":
+            return torch.bfloat16, "bf16 autocast, as asked" + ("" if native else
+                                                               f" (emulated on compute capability {major}.{minor})")
+        if native:
+            return torch.bfloat16, f"bf16 autocast: compute capability {major}.{minor} computes bf16 natively (from 8.0)"
+        return torch.float16, (f"fp16 autocast with loss scaling: compute capability {major}.{minor} has no native "
+                               f"bf16 (it starts at 8.0)")
+    if device.type == "cpu":
+        native = cpu_has_native_bf16()
+        if precision == "bf16":
+            return torch.bfloat16, "bf16 autocast, as asked" + ("" if native else " (emulated on this CPU)")
+        if native:
+            return torch.bfloat16, "bf16 autocast: this CPU computes bf16 natively (AVX512-BF16 or AMX)"
+        return None, "fp32: this CPU has no native bf16 (AVX512-BF16 or AMX), and emulated bf16 is slower"
+    if precision == "bf16":
+        return torch.bfloat16, "bf16 autocast, as asked"
+    return None, f"fp32: tinyfast chooses no mixed precision on a {device.type} device"
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype `precision` means on `device`: None for fp32 (`precision_choice` says why)."""
+    return precision_choice(precision, device)[0]
 
 
 class FastDevice(Callback):
-    """bf16 autocast (where `precision` asks for it) and channels_last, on CPU and CUDA alike, for training
-    and for inference (`get_preds`, `predict` run the same callbacks). fp16 on an old GPU goes to fastai's
-    `MixedPrecision`, which owns the loss scaling fp16 needs."""
-    order = MixedPrecision.order
+    """Mixed precision and channels_last, on CPU and CUDA alike, for training and for inference (`get_preds`,
+    `predict` run the same callbacks): bf16 autocast, or fp16 autocast with loss scaling on a GPU without native
+    bf16 (`precision_choice`). The loss, the metrics and the optimizer state stay fp32.
+
+    Why not fastai's `MixedPrecision`: it autocasts for 'cuda' only (on a bf16 CPU it does nothing), and it reads
+    the loss scale into Python after every step. The loss scaling here is fastai's own pattern (this callback
+    poses as the optimizer to torch's `GradScaler`, and a step with inf/NaN gradients is cancelled), on the
+    model's device type, so the fp16 path runs, and is tested, on a CPU too. GradScaler decides each step on the
+    host: one sync a step, as in every torch fp16 recipe; bf16 and fp32 steps have none."""
+    order = 10  # where fastai's MixedPrecision runs: before DistributedTrainer (11) wraps the model
 
     def __init__(self, precision: str = "auto", channels_last: bool = True):
         self.precision, self.channels_last = precision, channels_last
-        self._ctx, self._dtype_for = None, {}
+        self._ctx, self._dtype_for, self.scaler, self.scaler_state = None, {}, None, None
 
     def _device(self) -> torch.device:
         return next(self.learn.model.parameters()).device
 
     def dtype(self) -> torch.dtype | None:
+        """The autocast dtype on the model's device; None where fastai's own `MixedPrecision` was added."""
+        if hasattr(self.learn, "mixed_precision"):
+            return None
         device = self._device()
         if device not in self._dtype_for:
             self._dtype_for[device] = autocast_dtype(self.precision, device)
         return self._dtype_for[device]
 
     def before_fit(self):
-        if self._device().type == "cuda":
+        device = self._device()
+        if device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN time its algorithms once
-        if self.channels_last:  # before fastai's DistributedTrainer (order 11) wraps it: DDP wants equal strides
-            self.learn.model.to(memory_format=torch.channels_last)  # on every rank
-        if self.dtype() == torch.float16 and not hasattr(self.learn, "mixed_precision"):
-            self.learn.add_cb(MixedPrecision())
+        self._to_channels_last()  # on every rank, before DistributedTrainer wraps it: DDP wants equal strides
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype() == torch.float16 else None
+        if self.scaler is not None and self.scaler_state is not None:  # a resumed fp16 run: the scale it had
+            self.scaler.load_state_dict(self.scaler_state)
+            self.scaler_state = None
+
+    def before_validate(self):
+        self._to_channels_last()  # get_preds and predict run no before_fit
+
+    def _to_channels_last(self):
+        if self.channels_last:
+            self.learn.model.to(memory_format=torch.channels_last)  # a no-op once converted
 
     def before_batch(self):
         if self.channels_last:
-            self.learn.model.to(memory_format=torch.channels_last)  # no-op once converted
             self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x for x in self.xb)
         dtype = self.dtype()
-        if dtype == torch.bfloat16:
+        if dtype is not None:
             self._ctx = torch.autocast(self._device().type, dtype=dtype)
             self._ctx.__enter__()
 
@@ -145,6 +201,33 @@ class FastDevice(Callback):
 
     def after_loss(self):
         self.close_autocast()
+
+    def before_backward(self):
+        if self.scaler is not None:
+            self.learn.loss_grad = self.scaler.scale(self.loss_grad)
+
+    def before_step(self):
+        """fp16: the gradients unscaled, and the step cancelled when one of them is inf or NaN (the scale then
+        drops, in `after_step`)."""
+        if self.scaler is None:
+            return
+        self.skipped = True
+        self.scaler.step(self)  # unscales through `param_groups`, then calls `step` below unless inf/NaN
+        if self.skipped:
+            raise CancelStepException()
+
+    def after_step(self):
+        if self.scaler is not None:
+            self.scaler.update()
+
+    @property
+    def param_groups(self):
+        """The optimizer's parameter groups, for `GradScaler`, to which this callback poses as the optimizer."""
+        return self.opt.param_groups
+
+    def step(self, *args, **kwargs):
+        """Called by `GradScaler.step` when the gradients are finite: fastai's own step follows."""
+        self.skipped = False
 
     def after_batch(self):
         self.close_autocast()  # also when the batch was cancelled before `after_loss`
@@ -156,23 +239,31 @@ class FastDevice(Callback):
             self._ctx = None
 
     def __getstate__(self):  # an autocast context in flight does not pickle (learn.export)
-        return {**self.__dict__, "_ctx": None, "_dtype_for": {}}
+        return {**self.__dict__, "_ctx": None, "_dtype_for": {}, "scaler": None, "scaler_state": None}
 
 
 class CompileModel(Callback):
     """`torch.compile` of the model, in place (`nn.Module.compile`: same module, same `state_dict` keys, so
     model.pth and resume are unchanged). Opt-in (`fit --compile`): the first steps wait for the compiler, so it
-    pays on long GPU runs, not on a short CPU one."""
-    order = FastDevice.order + 0.5  # after channels_last, before fastai's DistributedTrainer (11) wraps the model
+    pays on long GPU runs, not on a short CPU one.
+
+    It runs after fastai's `DistributedTrainer` (order 11) has wrapped the model: under DDP what is compiled is
+    the DistributedDataParallel module, as torch's DDP + compile guide does, so that dynamo's DDPOptimizer splits
+    the graph at the gradient buckets and the all-reduce overlaps the backward pass. An inner model compiled before
+    DDP wraps it gives one backward graph whose gradients reach DDP's hooks all at the end: no overlap."""
+    order = 11.5
 
     def __init__(self, **compile_kwargs):
-        self.compile_kwargs = compile_kwargs
+        self.compile_kwargs, self.compiled = compile_kwargs, None
 
     def before_fit(self):
-        self.learn.model.compile(**self.compile_kwargs)
+        self.compiled = self.learn.model  # the DDP wrapper in a distributed fit, else the model itself
+        self.compiled.compile(**self.compile_kwargs)
 
     def after_fit(self):
-        self.learn.model._compiled_call_impl = None  # a compiled forward does not pickle (`learn.export`)
+        if self.compiled is not None:  # a compiled forward does not pickle (`learn.export`)
+            self.compiled._compiled_call_impl = None
+            self.compiled = None
 
 
 def nesterov_step(p, lr, mom, grad_avg, **kwargs):

@@ -16,7 +16,6 @@ import hashlib
 import inspect
 import json
 import os
-import platform
 import random
 import shlex
 import signal
@@ -37,13 +36,14 @@ from fastai.learner import Learner
 from fastcore.xtras import ContextManagers
 from fastai.torch_core import set_seed
 
-from .callbacks import StopOnNaN
+from .callbacks import SYNC_EVERY, SmoothLossOnDevice, StopOnNaN
 from .choices import SCHEDULES, TRACKERS
 from .data import tiny_imagenet_dls
+from .doctor import check_device, versions
 from .errors import NonFiniteLoss, RunError, RunInterrupted
 from .distributed import (distributed_context, is_main_process, main_process_first, on_main,
                           setup_distributed, unwrap_model, world_size)
-from .learner import CompileModel, FastDevice, tiny_learner
+from .learner import CompileModel, FastDevice, optimizer_state_to_params, tiny_learner
 from .layout import (CHECKPOINT, CONFIG, CURVES, INTERRUPTED, LEARNER, LR_FIND_PNG, METRICS, MODEL, SCHEDULE, SUMMARY,
                      TTA, atomic_save, atomic_write_text, save_figure)
 from .runlog import run_log
@@ -131,6 +131,7 @@ class RunLogger(Callback):
         if not self.writes:
             return
         model, ema = unwrap_model(self.learn.model), getattr(self.learn, "ema", None)
+        fast = getattr(self.learn, "fast_device", None)
         if improved:  # the weights that were validated: the EMA's when there is one
             atomic_save(ema.averaged_state() if ema is not None else model.state_dict(), self.run_dir / MODEL)
         self.write_metrics()
@@ -140,7 +141,8 @@ class RunLogger(Callback):
                          dl_rng=self.dls.train.rng.getstate(), py_rng=random.getstate(), np_rng=np.random.get_state(),
                          torch_rng=torch.get_rng_state(), rows=self.rows, lrs=self.lrs, moms=self.moms,
                          lr=float(self.opt.hypers[-1]["lr"]),
-                         plateau=(plateau.best, plateau.wait) if plateau is not None else None),
+                         plateau=(plateau.best, plateau.wait) if plateau is not None else None,
+                         scaler=fast.scaler.state_dict() if fast is not None and fast.scaler is not None else None),
                     self.run_dir / CHECKPOINT)
 
     def write_metrics(self):
@@ -192,16 +194,6 @@ def write_plots(run_dir: Path, logger: RunLogger) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
-def versions() -> dict:
-    import albumentations
-    import fastai
-    import pytorch_grad_cam  # noqa: F401
-    from importlib.metadata import version
-    return {"python": platform.python_version(), "torch": torch.__version__, "fastai": fastai.__version__,
-            "albumentations": albumentations.__version__, "grad-cam": version("grad-cam"),
-            "platform": platform.platform()}
-
-
 def dataset_info(dls) -> dict:
     vocab = list(dls.vocab)
     return {"root": str(Path(dls.root).resolve()), "classes": len(vocab), "n_train": len(dls.train_ds),
@@ -330,6 +322,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
     with the allowed changes), and it is what config.json keeps under "args"."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in NOT_RUN_ARGS}
     _check_arguments(args)
+    check_device()  # a GPU this torch has no kernels for: one line, before any folder
     command = command or shlex.join([Path(sys.executable).name] + sys.argv)
     setup_distributed()  # a no-op unless launched by torchrun / accelerate launch
     if resume:
@@ -352,7 +345,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         if start is None:  # rank 0 writes the files and picks the LR; the others take its LR
             run.lr_picked = on_main(_start_run, learn, run_dir, run, command, world_size(), quiet)
         logger = RunLogger(run_dir, start)
-        run_cbs = ([logger, StopOnNaN()] + lever_callbacks(vars(run), start)
+        run_cbs = ([logger, StopOnNaN(), SmoothLossOnDevice(1 if run.log != "csv" else SYNC_EVERY)] + lever_callbacks(vars(run), start)
                    + tracker_callbacks(vars(run), run_dir, start, quiet) + list(cbs or []))
         if run.compile:
             run_cbs.append(CompileModel())
@@ -387,7 +380,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
             raise
         seconds = time.perf_counter() - t0
         if (run_dir / MODEL).exists():  # complete on every rank: distributed_context waits for rank 0
-            learn.model.load_state_dict(torch.load(run_dir / MODEL))
+            learn.model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu"))  # saved on rank 0's GPU
         tta_scores = _score_with_tta(learn, run_dir, logger.best, quiet) if run.tta else None
         if main:
             write_plots(run_dir, logger)
@@ -478,10 +471,16 @@ def _start_run(learn: Learner, run_dir: Path, run: SimpleNamespace, command: str
 
 
 def _load_checkpoint(learn: Learner, start: dict) -> int:
-    """The model, optimizer and every random state of the checkpoint `start`; returns the epochs it had done."""
+    """The model, optimizer and every random state of the checkpoint `start`; returns the epochs it had done.
+    The checkpoint was read onto the CPU: the model goes to the training device first, and the optimizer's state
+    (momentum buffers) to its parameters' device, where fastai's `load_state_dict` would leave it on the CPU."""
+    if learn.dls.device is not None:
+        learn.model.to(learn.dls.device)
     learn.model.load_state_dict(start["model"])
     learn.create_opt()
     learn.opt.load_state_dict(start["opt"])
+    optimizer_state_to_params(learn.opt)
+    learn.fast_device.scaler_state = start.get("scaler")  # a resumed fp16 run: its loss scale
     learn.dls.train.rng.setstate(start["dl_rng"])
     random.setstate(start["py_rng"])
     np.random.set_state(start["np_rng"])
@@ -548,15 +547,14 @@ def tracker_callbacks(args: dict, run_dir: Path, start: dict | None = None, quie
 
 def lever_callbacks(args: dict, start: dict | None = None) -> list:
     """The callbacks of the levers `args` turns on (EMA, mixup or cutmix, progressive resizing)."""
-    from fastai.callback.mixup import CutMix, MixUp
-    from .callbacks import EMA, ProgressiveResize, progressive_sizes
+    from .callbacks import EMA, CutMixOnDevice, MixUpOnDevice, ProgressiveResize, progressive_sizes
     cbs = []
     if args.get("ema"):
         cbs.append(EMA(args["ema"], state=(start or {}).get("ema")))
     if args.get("mixup"):
-        cbs.append(MixUp(args["mixup"]))
+        cbs.append(MixUpOnDevice(args["mixup"]))
     if args.get("cutmix"):
-        cbs.append(CutMix(args["cutmix"]))
+        cbs.append(CutMixOnDevice(args["cutmix"]))
     if args.get("progressive"):
         cbs.append(ProgressiveResize(progressive_sizes(args["size"], args["epochs"], args["progressive"])))
     return cbs

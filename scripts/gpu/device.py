@@ -96,13 +96,16 @@ def check_environment() -> dict:
              "print(json.dumps({'python': sys.version.split()[0], 'imports': v, 'cuda': cuda,\n"
              "  'gpu': torch.cuda.get_device_name(0) if cuda else None,\n"
              "  'gpu_memory_gib': round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None,\n"
-             "  'bf16': bool(cuda and torch.cuda.is_bf16_supported())}))\n")
+             "  'capability': list(torch.cuda.get_device_capability(0)) if cuda else None,\n"
+             "  'arch_list': torch.cuda.get_arch_list() if cuda else None}))\n")
     res = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     info = json.loads(res.stdout) if res.returncode == 0 else {"probe_failed": res.stderr[-2000:]}
     cli = subprocess.run([sys.executable, "main.py", "fit", "--help"], env=env, capture_output=True, text=True)
+    doctor = subprocess.run([sys.executable, "main.py", "doctor"], env=env, capture_output=True, text=True)
     shm = shutil.disk_usage("/dev/shm") if Path("/dev/shm").exists() else None
     smi = shutil.which("nvidia-smi")
     return {**info, "cli_fit_help": cli.returncode == 0 or cli.stderr[-500:],
+            "doctor": doctor.stdout.strip().splitlines() if doctor.returncode == 0 else doctor.stderr[-1000:],
             "dev_shm_gib": round(shm.total / 2**30, 1) if shm else None, "cpus": os.cpu_count(),
             "nvidia_smi": subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
                                          capture_output=True, text=True).stdout.strip() if smi else None,
@@ -155,16 +158,30 @@ def read_rows(run: Path) -> list[dict]:
     return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(open(path))] if path.exists() else []
 
 
+def run_vocabulary(run: Path, root: Path) -> list[str]:
+    """The model's output order: the wnids in wnids.txt order (tinyfast's `CategoryBlock(vocab=wnids, sort=False)`),
+    not sorted (the real wnids.txt is not), checked against the digest fit wrote in config.json."""
+    import hashlib
+    from tinyfast.data import tiny_imagenet_files
+    config = json.loads((run / "config.json").read_text())
+    a = config["args"]
+    wnids = tiny_imagenet_files(root, a.get("classes"), a.get("train_per_class"))[0]
+    saved = config.get("dataset", {}).get("wnids_sha1")
+    if saved and hashlib.sha1("\n".join(wnids).encode()).hexdigest() != saved:
+        raise SystemExit(f"device.py: the wnids of {root} are not the run's vocabulary (config.json's wnids_sha1)")
+    return wnids
+
+
 def independent_top1(run: Path, root: Path) -> dict:
     """model.pth scored on the val JPEGs decoded anew (PIL), counted against val_annotations.txt: no fastai
-    loader, no decoded cache. The classes are fastai's vocabulary order: the run's wnids, sorted."""
+    loader, no decoded cache. The classes are in the run's vocabulary order (`run_vocabulary`)."""
     import numpy as np
     import torch
     from PIL import Image
-    from tinyfast.data import TINY_MEAN, TINY_STD, tiny_imagenet_files
+    from tinyfast.data import TINY_MEAN, TINY_STD
     from tinyfast.model import resnet18
     a = json.loads((run / "config.json").read_text())["args"]
-    wnids = sorted(tiny_imagenet_files(root, a.get("classes"), a.get("train_per_class"))[0])
+    wnids = run_vocabulary(run, root)
     index = {w: i for i, w in enumerate(wnids)}
     truth = [line.split("\t")[:2] for line in (root / "val" / "val_annotations.txt").read_text().splitlines() if line]
     truth = [(name, index[w]) for name, w in truth if w in index]
@@ -200,7 +217,7 @@ def summarise(run: Path, finished: bool) -> dict:
         seconds = [r["train_seconds"] for r in rows]
         cumulative = list(itertools.accumulate(seconds))
         at_50 = next((c for r, c in zip(rows, cumulative) if r["accuracy"] >= 0.5), None)
-        best = min(rows, key=lambda r: r["valid_loss"])  # the epoch model.pth holds: fit monitors valid_loss
+        best = max(rows, key=lambda r: r["accuracy"])  # the epoch model.pth holds: the first best val accuracy
         result.update({"best_top1": max(r["accuracy"] for r in rows), "last_top1": rows[-1]["accuracy"],
                        "model_epoch": int(best["epoch"]), "model_epoch_top1": best["accuracy"],
                        "train_seconds_to_50pct": at_50, "train_seconds_total": cumulative[-1],
