@@ -146,9 +146,8 @@ def test_atomic_save_keeps_the_old_file_when_a_save_dies(tmp_path, monkeypatch):
     target = tmp_path / "checkpoint.pth"
     atomic_save({"a": torch.ones(3)}, target)
 
-    def dying_save(obj, f, *a, **k):
-        with open(f, "wb") as fh:
-            fh.write(b"partial")
+    def dying_save(obj, f, *a, **k):  # atomic_save serialises into a buffer, then writes the file
+        f.write(b"partial")
         raise OSError("killed mid-save")
 
     monkeypatch.setattr(torch, "save", dying_save)

@@ -116,18 +116,24 @@ class SmoothLossOnDevice(Callback):
     def before_fit(self):
         self.recorder.smooth_loss = DeviceSmoothLoss(beta=self.recorder.smooth_loss.beta)
         self.read = len(self.recorder.losses)
-        self.host_value = torch.tensor(float("nan"))
+        self.host_value = None
 
     def after_batch(self):
         if not self.training or len(self.yb) == 0:
             return
         if (self.iter + 1) % self.every == 0:
             self._read()
-        self.learn.smooth_loss = self.host_value
+        self._show()
 
     def after_train(self):
         self._read()
-        self.learn.smooth_loss = self.host_value
+        self._show()
+
+    def _show(self):
+        if self.host_value is None:  # nothing read yet: no value, rather than a stand-in the bar would print
+            self.learn.__dict__.pop("smooth_loss", None)
+        else:
+            self.learn.smooth_loss = self.host_value
 
     def after_cancel_fit(self):
         self._read()

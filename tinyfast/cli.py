@@ -93,7 +93,10 @@ def run_safely(fn, *args, **kwargs):
     except KeyboardInterrupt:
         fail("interrupted", 130)
     except (DatasetError, RunError, ValueError, FileNotFoundError) as e:
-        fail(one_line(e))
+        fail(one_line(e), getattr(e, "exit_code", 1))
+    except OSError as e:  # a folder that cannot be made or written (read-only, full, gone): one line too
+        from tinyfast.layout import write_failure
+        fail(str(write_failure(e.filename, e)) if e.filename else one_line(e))
 
 
 def command_line() -> str:
@@ -151,7 +154,8 @@ def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=D
             wd: float = typer.Option(5e-4, help="L2 weight decay on every parameter, as in the classic recipe (SGD with Nesterov momentum)"),
             mom: float = typer.Option(0.9, help="SGD momentum (one-cycle cycles it 0.95-0.85-0.95 as fastai does)"),
             label_smoothing: float = typer.Option(0.1, help="label smoothing of the cross-entropy (0 for none)"),
-            size: int = typer.Option(64, help="input size in pixels"),
+            size: Optional[int] = typer.Option(None, help="input size in pixels [default: 64, or the --budget's choice]"),
+            budget: Optional[str] = typer.Option(None, help="plan the run for this much wall time, everything included (90m, 1.5h, 300s): the epochs, and the size where --size is not given"),
             stem: Stem = typer.Option(Stem.cifar, help="cifar: 3x3 stride-1 stem, 64x64 feature maps; imagenet: 7x7 stride-2 + max-pool (15x cheaper)"),
             out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<timestamp>]"),
             resume: bool = typer.Option(False, help="continue the run in --out (or the newest under runs/) from its checkpoint"),
@@ -177,10 +181,16 @@ def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=D
             log: Tracker = typer.Option("csv", help="csv: metrics.csv only; tensorboard: also RUN_DIR/tensorboard/ (fastai's TensorBoardCallback); wandb: also fastai's WandbCallback, offline unless WANDB_MODE is set")):
     """Train the ResNet18 and write a run folder (metrics, curves, model, learner.pkl, the exact command)."""
     check_ranges(locals())
+    from tinyfast.budget import parse_budget
+    from tinyfast.errors import RunError
     from tinyfast.train import fit
     lr_value = lr if lr == "auto" else _float(lr, "--lr")
+    try:
+        parse_budget(budget) if budget is not None else None
+    except RunError as e:
+        fail(str(e), 2)
     result = run_safely(fit, data=data, epochs=epochs, bs=bs, lr=lr_value, schedule=schedule.value, wd=wd, mom=mom,
-                        label_smoothing=label_smoothing, size=size, stem=stem.value, out=out, resume=resume, seed=seed,
+                        label_smoothing=label_smoothing, size=size, budget=budget, stem=stem.value, out=out, resume=resume, seed=seed,
                         precision=precision.value, num_workers=num_workers, monitor=monitor, patience=patience,
                         factor=factor, classes=classes, train_per_class=train_per_class, aug=aug,
                         lr_mode=lr_mode.value, lr_num_it=lr_num_it, lr_val_batches=lr_val_batches,

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .layout import CONFIG, METRICS, save_figure
+from .layout import CONFIG, METRICS, atomic_write, atomic_write_text, save_figure
 
 REQUIRED_COLUMNS = ("epoch", "valid_loss", "accuracy", "elapsed")
 NUMERIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "top5", "time", "elapsed")
@@ -253,6 +253,6 @@ def write_comparison(run_dirs: Iterable[str | Path], out: str | Path = "compare"
     out.mkdir(parents=True, exist_ok=True)
     paths = {"png": out / "compare.png", "md": out / "compare.md", "csv": out / "compare.csv"}
     save_figure(fig, paths["png"])
-    paths["md"].write_text(to_markdown(table, at))
-    table.to_csv(paths["csv"], index=False)
+    atomic_write_text(paths["md"], to_markdown(table, at))
+    atomic_write(paths["csv"], lambda tmp: table.to_csv(tmp, index=False))
     return {**paths, "table": table}

@@ -14,6 +14,7 @@ through fastai's ordinary per-item pipeline, which gives the same result, only s
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import multiprocessing
 import os
@@ -40,7 +41,8 @@ from PIL import Image
 import albumentations as alb  # after fastai: `from fastai.vision.all import *` would bind `A`
 
 from .dataset import DatasetError, read_val_annotations, read_wnids, read_words, resolve_dataset
-from .layout import atomic_write, is_val, train_wnid  # is_val: the splitter, found here by an older learner.pkl
+from .errors import RunError
+from .layout import atomic_write, free_bytes, is_val, train_wnid, write_failure  # is_val: the splitter, found here by an older learner.pkl
 
 # Per-channel statistics of the TinyImageNet training set (RGB, 0-1 scale).
 TINY_MEAN = (0.4802, 0.4481, 0.3975)
@@ -191,18 +193,43 @@ class DecodedImages:
         return self.load()
 
     def load(self, progress: bool = True) -> np.ndarray:
-        """The memory-mapped array, decoded first (with a progress bar, unless not `progress`) if need be."""
+        """The memory-mapped array, decoded first (with a progress bar, unless not `progress`) if need be. A
+        damaged cache (truncated, of the wrong shape, unreadable) is derived data: it is decoded again, with one
+        line saying so."""
         if self._images is None:
-            if not self.file.exists():
+            images = self._open() if self.file.exists() else None
+            if images is None:
                 stale = self.stale_caches()
-                if stale:
+                if stale and not self.file.exists():
                     print(f"images changed on disk (size or modification time) since the cache {stale[0]} was "
                           f"built: decoding them again")
                 self.build(progress=progress)
                 for old in stale:
                     old.unlink(missing_ok=True)
-            self._images = np.load(self.file, mmap_mode="r")
+                images = self._open(after_build=True)
+            self._images = images
         return self._images
+
+    def _open(self, after_build: bool = False) -> np.ndarray | None:
+        """The cache memory-mapped, or None (with a line saying why) when it is damaged."""
+        expected = (len(self.files), self.size, self.size, 3)
+        try:
+            images = np.load(self.file, mmap_mode="r")
+            problem = None if images.shape == expected and images.dtype == np.uint8 else \
+                f"it holds {images.dtype} {tuple(images.shape)}, not uint8 {expected}"
+        except (OSError, ValueError, EOFError) as e:  # truncated: "mmap length is greater than file size"
+            problem = f"{e.strerror if isinstance(e, OSError) and e.strerror else e}"
+        if problem is None:
+            return images
+        if after_build:
+            raise DatasetError(f"the decoded cache {self.file} is unreadable just after it was written ({problem}): "
+                               f"point the cache elsewhere with {CACHE_ENV}=DIR")
+        print(f"the decoded cache {self.file} is damaged ({problem}): decoding the images again")
+        return None
+
+    def nbytes(self) -> int:
+        """The cache file's size: the array and the .npy header."""
+        return len(self.files) * self.size * self.size * 3 + 128
 
     def row(self, path: Path | str) -> int | None:
         if self._row_of is None:
@@ -211,14 +238,26 @@ class DecodedImages:
 
     def build(self, n_threads: int | None = None, progress: bool = True) -> None:
         """Decode with a few threads (cv2 releases the GIL) straight into the memory-mapped file, written
-        atomically (`atomic_write`): a run killed mid-decoding leaves no cache, never half of one."""
-        self.file.parent.mkdir(parents=True, exist_ok=True)
+        atomically (`atomic_write`): a run killed mid-decoding leaves no cache, never half of one. The file's
+        space is reserved first (`posix_fallocate`): a page of a memory map that the disk has no room for kills
+        the process (SIGBUS) instead of raising, and a cache that cannot fit is better said before decoding."""
+        needed = self.nbytes()
+        try:
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            free = free_bytes(self.file.parent)
+            if free is not None and free < needed:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            raise self._cannot_write(e) from None
         chunk = 512
         starts = range(0, len(self.files), chunk)
 
         def write(tmp: Path) -> None:
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                             shape=(len(self.files), self.size, self.size, 3))
+            if hasattr(os, "posix_fallocate"):
+                with open(tmp, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.path.getsize(tmp))
 
             def decode(start: int) -> None:
                 for i in range(start, min(start + chunk, len(self.files))):
@@ -234,7 +273,13 @@ class DecodedImages:
             out.flush()
             del out
 
-        atomic_write(self.file, write)
+        try:
+            atomic_write(self.file, write, needed=needed, elsewhere=CACHE_ELSEWHERE)
+        except RunError as e:
+            raise DatasetError(str(e)) from None
+
+    def _cannot_write(self, error: OSError) -> DatasetError:
+        return DatasetError(str(write_failure(self.file, error, self.nbytes(), CACHE_ELSEWHERE)))
 
 
 def file_stats_digest(files: list[Path]) -> str:
@@ -250,11 +295,37 @@ def file_stats_digest(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
+CACHE_ENV = "TINYFAST_CACHE"  # a folder for the decoded caches, where the data's own folder will not do
+CACHE_ELSEWHERE = f"point the cache elsewhere with {CACHE_ENV}=DIR (it is derived data: the dataset is unchanged)"
+
+
+NETWORK_FILE_SYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "9p", "lustre", "fuse.gcsfuse",
+                        "fuse.s3fs", "fuse.rclone", "afs", "glusterfs", "ceph")
+
+
+def file_system_type(path: Path, mounts: Path = Path("/proc/mounts")) -> str | None:
+    """The type of the file system that holds `path` (the longest mount point above it in /proc/mounts), or None
+    where that cannot be read."""
+    try:
+        entries = [line.split() for line in mounts.read_text().splitlines()]
+    except OSError:
+        return None
+    path = str(Path(path).resolve())
+    best = max((e for e in entries if len(e) > 2 and (path == e[1] or path.startswith(e[1].rstrip("/") + "/"))),
+               key=lambda e: len(e[1]), default=None)
+    return best[2] if best else None
+
+
 def default_cache_dir(root: Path) -> Path:
-    """Beside the data when that folder is writable, else under ~/.cache."""
-    if os.access(root, os.W_OK):
+    """$TINYFAST_CACHE/<digest of the data's path> when it is set; else beside the data when that folder is
+    writable and local, else under ~/.cache. A cache on a network file system (NFS, SMB, sshfs...) would be
+    read from the network at every batch: it goes to the local disk instead."""
+    digest = hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser() / digest
+    if os.access(root, os.W_OK) and file_system_type(root) not in NETWORK_FILE_SYSTEMS:
         return root / ".tinyfast-cache"
-    return Path.home() / ".cache" / "tinyfast" / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "tinyfast" / digest
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -318,9 +389,23 @@ class CachedBatchDL(TfmdDL):
     of an epoch (shuffle and augmentation) derives from `self.rng`, so restoring its state restores the epoch."""
 
     _fast_ok = (Resize, ToTensor, AlbumentationsTransform)
+    epoch_share = 1.0  # a budgeted run (tinyfast.budget) trains each epoch on the first share of its shuffle
 
     def __iter__(self):
         return serve_batches(self)
+
+    def _shared_n(self) -> int:
+        return max(1, round(self.n * self.epoch_share))
+
+    def get_idxs(self):
+        idxs = super().get_idxs()
+        return idxs if self.epoch_share >= 1.0 else list(idxs)[:self._shared_n()]
+
+    def __len__(self):
+        if self.epoch_share >= 1.0 or self.n is None:
+            return super().__len__()
+        n = self._shared_n()
+        return n // self.bs + (0 if self.drop_last or n % self.bs == 0 else 1)
 
     def sample(self):
         restore_epoch_in_worker(self)

@@ -34,7 +34,7 @@ from .calibration import calibration_summary
 from .data import class_names, load_rgb
 from .dataset import DatasetError
 from .layout import (CONFUSION, CONFUSION_FULL, EVALUATION, MOST_CONFUSED, PER_CLASS, TOP_LOSSES, relocate,
-                     save_figure)
+                     atomic_write, atomic_write_text, save_figure)
 
 __all__ = [
     "ValPredictions", "FlipInput", "predict_valid", "evaluation_summary", "per_class_table", "confusion_matrix",
@@ -346,8 +346,9 @@ def evaluate(learn: Learner | None, out: Path | str, tta: bool = False, temperat
     summary = evaluation_summary(p)
     calibration = calibration_summary(p.probs, p.targets, out=out_dir, temperature=temperature)
     summary.update({k: v for k, v in calibration.items() if k not in summary})  # "n" is in both
-    per_class_table(p).to_csv(out_dir / PER_CLASS, index=False)
-    (out_dir / EVALUATION).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    table = per_class_table(p)
+    atomic_write(out_dir / PER_CLASS, lambda tmp: table.to_csv(tmp, index=False))
+    atomic_write_text(out_dir / EVALUATION, json.dumps(summary, indent=2, default=_json_default) + "\n")
     return summary
 
 
@@ -374,7 +375,7 @@ def interpret(learn: Learner | None, out: Path | str, top_losses: int = 16, pair
         "confusion_full": save_figure(plot_full_confusion(p), out_dir / CONFUSION_FULL),
     }
     confused = most_confused(p, cm=cm)
-    confused.to_csv(out_dir / MOST_CONFUSED, index=False)
+    atomic_write(out_dir / MOST_CONFUSED, lambda tmp: confused.to_csv(tmp, index=False))
     paths["most_confused"] = out_dir / MOST_CONFUSED
     return {**evaluation_summary(p), "paths": {k: str(v) for k, v in paths.items()},
             "most_confused": confused.head(pairs).to_dict("records")}

@@ -6,21 +6,28 @@
   which one applies to an image.
 * The run folder: the name of every file a command writes into it (`fit`, `find-lr`, `evaluate`,
   `interpret`, `gradcam`, `export`, `report`). A file is added to a run folder by naming it here first.
-* Writing: every file a kill must not leave half-written goes through `atomic_save` / `atomic_write_text`
-  (write a temporary name beside it, then rename), and every figure through `save_figure`, which closes it,
-  so that a long session of plots does not pile figures up in pyplot.
+* Writing: every file tinyfast writes goes through `atomic_write` (`atomic_save`, `atomic_write_text`,
+  `save_figure`): a temporary name beside it, then a rename, so a kill, a full disk or an I/O error never leaves
+  half a file, and a file that was good stays good. A failed write is one line (`write_failure`): the path, the
+  space needed and left, what to do. `save_figure` also closes the figure, so that a long session of plots does
+  not pile figures up in pyplot.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import io
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Callable
 
+from .errors import RunError
 from .dataset import read_train_boxes  # the reader of the boxes files (dataset.py imports nothing of tinyfast)
 
-__all__ = ["is_val", "train_wnid", "dataset_label", "dataset_box", "relocate",
-           "atomic_save", "atomic_write_text", "atomic_write", "save_figure", "gradcam_figure_name"]
+__all__ = ["is_val", "train_wnid", "dataset_label", "dataset_box", "relocate", "atomic_save", "atomic_write_text",
+           "atomic_write", "save_figure", "write_failure", "free_bytes", "gradcam_figure_name"]
 
 # ---------------------------------------------------------------------------------------------------------
 # The run folder's files
@@ -112,37 +119,103 @@ def relocate(item: Path | str, root: Path | str | None) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------
+SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
-def atomic_write(path: Path | str, write: Callable[[Path], None]) -> None:
+def free_bytes(path: Path | str) -> int | None:
+    """The bytes free on the file system that holds `path` (or its nearest existing parent); None if unknown."""
+    path = Path(path).absolute()
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            try:
+                return shutil.disk_usage(folder).free
+            except OSError:
+                return None
+    return None
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 10 * 2**20 else f"{n / 2**20:.0f} MiB"
+
+
+WRITE_ELSEWHERE = "write elsewhere (--out)"
+
+
+def write_failure(path: Path | str, error: BaseException, needed: int | None = None,
+                  elsewhere: str = WRITE_ELSEWHERE) -> RunError:
+    """The one line for a file that could not be written: which file, why, the space it needed and the space
+    left where it was going, and what to do. torch's writer loses the errno (a RuntimeError from its zip writer):
+    a full file system is then told by the space left."""
+    path, free = Path(path), free_bytes(path)
+    code = getattr(error, "errno", None)
+    full = code in SPACE_ERRNOS or (isinstance(error, RuntimeError) and free is not None
+                                     and free < max(needed or 0, 2**20))
+    space = (f" ({_mib(needed)} needed, " if needed else " (") + (f"{_mib(free)} left there)" if free is not None else
+                                                                  "space left unknown)")
+    if full:
+        return RunError(f"no space left to write {path}{space}: free some space there, or {elsewhere}")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return RunError(f"cannot write {path}: {error.strerror or error} (a read-only or someone else's folder): "
+                        f"{elsewhere}")
+    if code == errno.EIO:
+        return RunError(f"cannot write {path}: input/output error (a failing disk, or a network file system that "
+                        f"went away): check the disk, or {elsewhere}")
+    reason = getattr(error, "strerror", None) or str(error).splitlines()[0][:160]
+    return RunError(f"cannot write {path}: {reason}")
+
+
+def atomic_write(path: Path | str, write: Callable[[Path], None], needed: int | None = None,
+                 elsewhere: str = WRITE_ELSEWHERE) -> None:
     """`write(tmp)` to a temporary name beside `path`, then rename: a kill mid-write leaves the previous file
-    (or none) in place, never half of one, and no temporary file behind."""
+    (or none) in place, never half of one, and no temporary file behind. A write that fails (a full disk, a
+    read-only folder, an I/O error) is a one-line RunError (`write_failure`), with the previous file intact."""
     path = Path(path)
     tmp = _tmp(path)
     try:
         write(tmp)
         os.replace(tmp, path)
+        return
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_torch_write_error(e):
+            raise
+        failure = e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a disk that went away even this fails: the error below says so
+            tmp.unlink(missing_ok=True)
+    raise write_failure(path, failure, needed, elsewhere) from None  # after the unlink: the space really left
+
+
+def _is_torch_write_error(error: RuntimeError) -> bool:
+    text = str(error)
+    return "inline_container" in text or "file write failed" in text or "iostream error" in text
 
 
 def atomic_save(obj, path: Path | str) -> None:
-    """torch.save, atomically (`atomic_write`)."""
+    """torch.save, atomically (`atomic_write`), serialised in memory first: the write is then plain file I/O,
+    whose errors keep their errno (torch's own writer turns a full disk into "unexpected pos"), and the message
+    can say how many bytes it needed."""
     import torch
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getbuffer()
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    data = text.encode("utf-8")
+    atomic_write(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
 
 
 def save_figure(fig, path: Path | str, dpi: int = 110) -> Path:
-    """Save a matplotlib figure and close it, even when saving fails."""
+    """Save a matplotlib figure atomically (`atomic_write`) and close it, even when saving fails."""
     import matplotlib.pyplot as plt
+    path = Path(path)
     try:
-        fig.savefig(path, dpi=dpi)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
     finally:
         plt.close(fig)
-    return Path(path)
+    return path

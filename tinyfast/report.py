@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .layout import (CONFIG, CONFUSION, CONFUSION_FULL, CURVES, EVALUATION, GRADCAM_JSON, LR_FIND_JSON, LR_FIND_PNG,
                      METRICS, MOST_CONFUSED, PER_CLASS, RELIABILITY, REPORT, SCHEDULE, SUMMARY, TOP_LOSSES,
-                     gradcam_figure_name)
+                     atomic_write_text, gradcam_figure_name)
 
 
 def _json(path: Path) -> dict | None:
@@ -101,5 +101,5 @@ def write_report(run_dir: Path | str) -> Path:
         lines += ["Localisation against the val boxes (pointing game: the CAM's maximum inside the box; "
                   "energy: the CAM's mass inside the box; baseline: the box's share of the image):", ""] + _table(rows)
     report = run_dir / REPORT
-    report.write_text("\n".join(lines) + "\n")
+    atomic_write_text(report, "\n".join(lines) + "\n")
     return report

@@ -18,6 +18,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -36,6 +37,7 @@ from fastai.learner import Learner
 from fastcore.xtras import ContextManagers
 from fastai.torch_core import set_seed
 
+from .budget import SIZES, BudgetTooSmall, TimeLeft, budget_size, format_seconds, parse_budget, plan_run
 from .callbacks import SYNC_EVERY, SmoothLossOnDevice, StopOnNaN
 from .choices import SCHEDULES, TRACKERS
 from .data import tiny_imagenet_dls
@@ -45,7 +47,7 @@ from .distributed import (distributed_context, is_main_process, main_process_fir
                           setup_distributed, unwrap_model, world_size)
 from .learner import CompileModel, FastDevice, optimizer_state_to_params, tiny_learner
 from .layout import (CHECKPOINT, CONFIG, CURVES, INTERRUPTED, LEARNER, LR_FIND_PNG, METRICS, MODEL, SCHEDULE, SUMMARY,
-                     TTA, atomic_save, atomic_write_text, save_figure)
+                     TTA, atomic_save, atomic_write, atomic_write_text, save_figure, write_failure)
 from .runlog import run_log
 
 # time and elapsed: wall seconds of the epoch and of the run so far, validation and checkpoints included;
@@ -210,12 +212,14 @@ def new_run_dir(out: Path | str | None) -> Path:
     taken = RunError(f"{run_dir} already exists and is not empty: choose another --out, or add --resume to continue it")
     if run_dir.exists() and any(run_dir.iterdir()):
         raise taken
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         os.close(os.open(run_dir / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
         raise RunError(f"{run_dir} was just claimed by another run started at the same moment: choose another "
                        f"--out") from None
+    except OSError as e:  # a read-only --out, a full disk, someone else's folder
+        raise write_failure(run_dir, e) from None
     return run_dir
 
 
@@ -295,7 +299,7 @@ class FitResult:
 
 def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: float | str = 0.1,
         schedule: str = "one-cycle", wd: float = 5e-4, mom: float = 0.9, label_smoothing: float = 0.1,
-        size: int = 64, stem: str = "cifar", out: Path | str | None = None, resume: bool = False, seed: int = 42,
+        size: int | None = None, budget: str | float | None = None, stem: str = "cifar", out: Path | str | None = None, resume: bool = False, seed: int = 42,
         precision: str = "auto", num_workers: int | None = None, monitor: str = "valid_loss", patience: int = 2,
         factor: float = 5.0, classes: int | None = None, train_per_class: int | None = None, aug: bool = True,
         lr_mode: str = "smith", lr_num_it: int = 100, lr_val_batches: int = 2, ema: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
@@ -321,6 +325,7 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
     The run's configuration is one object from here on, `run` (the arguments, or on a resume the saved ones
     with the allowed changes), and it is what config.json keeps under "args"."""
     args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in NOT_RUN_ARGS}
+    called = time.time()  # a --budget counts from here: the cache build and the range test are in it
     _check_arguments(args)
     check_device()  # a GPU this torch has no kernels for: one line, before any folder
     command = command or shlex.join([Path(sys.executable).name] + sys.argv)
@@ -335,6 +340,13 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         if resumed_with and not quiet and main:
             print(resumed_with)
         set_seed(run.seed)
+        if run.size is None:  # the budget's choice, or the default
+            try:
+                run.size = on_main(budget_size, run, time.time() - called) if run.budget is not None else DEFAULT_SIZE
+            except BudgetTooSmall:
+                if main:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
         with main_process_first():  # rank 0 decodes the image cache, the others reuse it
             dls = tiny_imagenet_dls(run.data, bs=run.bs, size=run.size, num_workers=run.num_workers,
                                     aug=None if run.aug else False, classes=run.classes,
@@ -344,8 +356,15 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         learn.path, learn.model_dir = run_dir, "."
         if start is None:  # rank 0 writes the files and picks the LR; the others take its LR
             run.lr_picked = on_main(_start_run, learn, run_dir, run, command, world_size(), quiet)
+        try:
+            deadline = _apply_budget(learn, run, run_dir, start, called, quiet) if run.budget is not None else None
+        except BudgetTooSmall:
+            if start is None and main:  # a new folder with nothing in it worth keeping: not left behind
+                shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         logger = RunLogger(run_dir, start)
-        run_cbs = ([logger, StopOnNaN(), SmoothLossOnDevice(1 if run.log != "csv" else SYNC_EVERY)] + lever_callbacks(vars(run), start)
+        run_cbs = ([logger, StopOnNaN(), SmoothLossOnDevice(1 if run.log != "csv" else SYNC_EVERY),
+                    TimeLeft(deadline, show=not quiet and main, start_epoch=start["epoch"] if start else 0)] + lever_callbacks(vars(run), start)
                    + tracker_callbacks(vars(run), run_dir, start, quiet) + list(cbs or []))
         if run.compile:
             run_cbs.append(CompileModel())
@@ -384,7 +403,9 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         tta_scores = _score_with_tta(learn, run_dir, logger.best, quiet) if run.tta else None
         if main:
             write_plots(run_dir, logger)
-            learn.export(LEARNER)
+            atomic_write(run_dir / LEARNER, learn.export)
+            if run.budget is not None:
+                _record_budget_outcome(run_dir, run, start, called)  # fastai's export writes to learn.path / the name given
             if run.log == "wandb":
                 import wandb
                 wandb.finish()
@@ -395,7 +416,8 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
 # The arguments of `fit` that make up a run's configuration (config.json "args"), with their defaults; the others
 # say how to run it, not what it is.
 RUN_DEFAULTS = {k: p.default for k, p in inspect.signature(fit).parameters.items()
-                if k not in NOT_RUN_ARGS} | {"lr_picked": None}
+                if k not in NOT_RUN_ARGS} | {"lr_picked": None, "budget_plan": None}
+DEFAULT_SIZE = 64
 
 
 def _check_arguments(args: dict) -> None:
@@ -411,9 +433,14 @@ def _check_arguments(args: dict) -> None:
         raise RunError("--mixup and --cutmix are alternatives: give one of them, not both")
     if not 0.0 <= args["ema"] < 1.0:
         raise RunError(f"--ema is a decay in [0, 1) (0 for none, 0.999 is usual), not {args['ema']}")
-    if args["progressive"] and not 0 < args["progressive"] <= args["size"]:
-        raise RunError(f"--progressive is the first epochs' size, in (0, --size={args['size']}] (0 for none), "
+    size = args["size"] or (min(SIZES) if args["budget"] is not None else DEFAULT_SIZE)
+    if args["progressive"] and not 0 < args["progressive"] <= size:
+        raise RunError(f"--progressive is the first epochs' size, in (0, --size={size}] (0 for none), "
                        f"not {args['progressive']}")
+    if args["budget"] is not None:
+        parse_budget(args["budget"])
+        if args["schedule"] != "one-cycle":
+            raise RunError("--budget plans a one-cycle schedule: drop --schedule plateau, or give --epochs instead")
 
 
 def _resume(out: Path | str | None, args: dict, changed: set[str] | None,
@@ -450,7 +477,7 @@ def _start_run(learn: Learner, run_dir: Path, run: SimpleNamespace, command: str
     process: `processes` is counted outside)."""
     with learn.no_bar():  # summary runs one batch through get_preds, which would draw an "Epoch 1/1" bar
         summary = learn.summary()
-    (run_dir / SUMMARY).write_text(summary)
+    atomic_write_text(run_dir / SUMMARY, summary)
     if not quiet:
         print(summary)
     args = {k: v for k, v in vars(run).items() if k != "lr_picked"}
@@ -468,6 +495,43 @@ def _start_run(learn: Learner, run_dir: Path, run: SimpleNamespace, command: str
     atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
     print(f"lr auto: {result.suggested_lr:.3g} ({result.reason}); curve in {run_dir / LR_FIND_PNG}")
     return result.suggested_lr
+
+
+def _apply_budget(learn: Learner, run: SimpleNamespace, run_dir: Path, start: dict | None, called: float,
+                  quiet: bool) -> float:
+    """A new budgeted run: measured and planned on rank 0 (its epochs and epoch share into config.json, its plan
+    line printed); a resumed one goes on with its plan. The training set's epoch share applied; returns the
+    deadline (wall clock) the budget sets."""
+    budget_s = parse_budget(run.budget)
+    if start is None:
+        plan = on_main(plan_run, learn, run, time.time() - called, float(run.lr_picked or run.lr), budget_s)
+        run.epochs, run.budget_plan = plan.n_epoch, plan.as_dict()
+        on_main(_update_config, run_dir, args={k: v for k, v in vars(run).items() if k != "lr_picked"} |
+                {"lr_picked": run.lr_picked})
+        if is_main_process():
+            print(plan.line(str(run.budget)))
+        used = 0.0
+    else:  # what the budget already paid for: set-up, and the epochs done
+        used = run.budget_plan["spent_s"] + (start["rows"][-1]["elapsed"] if start["rows"] else 0.0)
+        if is_main_process() and not quiet:
+            print(f"budget {run.budget}: ~{format_seconds(budget_s - used)} left; the plan goes on "
+                  f"({run.epochs} epochs of {run.budget_plan['epoch_share']:.0%} of the training set)")
+    learn.dls.train.epoch_share = run.budget_plan["epoch_share"]
+    return called + budget_s - used
+
+
+def _update_config(run_dir: Path, **changes) -> None:
+    config = json.loads((run_dir / CONFIG).read_text())
+    atomic_write_text(run_dir / CONFIG, json.dumps({**config, **changes}, indent=2) + "\n")
+
+
+def _record_budget_outcome(run_dir: Path, run: SimpleNamespace, start: dict | None, called: float) -> None:
+    """config.json's "budget": the plan's budget, and the wall time the run took (all its sessions)."""
+    before = 0.0 if start is None else run.budget_plan["spent_s"] + (start["rows"][-1]["elapsed"] if start["rows"] else 0.0)
+    wall = before + time.time() - called
+    budget_s = parse_budget(run.budget)
+    _update_config(run_dir, budget={"budget_s": budget_s, "wall_s": round(wall, 1),
+                                    "share_of_budget": round(wall / budget_s, 4), "plan": run.budget_plan})
 
 
 def _load_checkpoint(learn: Learner, start: dict) -> int:

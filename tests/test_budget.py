@@ -1,0 +1,182 @@
+"""`fit --budget` (issue #29): the planning arithmetic, the size rule, and the finished one-cycle schedule of a
+budgeted run on tiny data, its resume, and the time left shown after each epoch. Whether a run lands within 5% of
+its budget is measured by benchmarks/budget.py, not here."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastai.callback.core import Callback
+from typer.testing import CliRunner
+
+import tinyfast.budget as B
+from tinyfast.budget import BudgetTooSmall, Timing, choose_size, format_seconds, parse_budget, plan_epochs
+from tinyfast.cli import app
+from tinyfast.errors import RunError, RunInterrupted
+from tinyfast.train import fit, read_metrics
+
+SMALL = dict(bs=8, num_workers=0, quiet=True)
+
+
+@pytest.mark.parametrize("text, seconds", [("90m", 5400), ("1.5h", 5400), ("300s", 300), ("45", 45), (120, 120),
+                                           (" 2H ", 7200)])
+def test_a_budget_reads_seconds_minutes_and_hours(text, seconds):
+    assert parse_budget(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["ninety", "90 min", "-5m", "0", "1d"])
+def test_a_malformed_budget_is_refused_before_any_work(text, tmp_path):
+    with pytest.raises(RunError, match="--budget"):
+        parse_budget(text)
+    res = CliRunner().invoke(app, ["fit", "--budget", text, "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "--budget" in res.output and not (tmp_path / "run").exists()
+
+
+def test_the_plan_spends_the_budget_on_training_with_every_epoch_validated():
+    timing = Timing(train_batch_s=1.0, valid_batch_s=0.5, train_batches=100, valid_batches=10, checkpoint_s=1.0)
+    plan = plan_epochs(1000, 100, timing, 32)
+    left = 1000 - 100 - B.reserve_for(1000)
+    # the fewest validated epochs that leave room for all the training: 9 epochs of 91% of the set
+    assert plan.n_epoch == 9 and plan.epoch_share == pytest.approx((left - 9 * 6) / 900)
+    assert plan.epochs == pytest.approx(plan.n_epoch * plan.epoch_share)
+    spent = 100 + plan.n_epoch * (plan.epoch_share * 100 + 6) + plan.reserve_s
+    assert spent == pytest.approx(1000)
+    eight = (left - 8 * 6) / 800
+    assert eight > 1, "8 validated epochs could not hold the training there is time for"
+    assert "8.2 epochs at 32 px (9 of 91% of the training set)" in plan.line("1000s")
+
+
+def test_progressive_resizing_buys_more_epochs():
+    timing = Timing(1.0, 0.5, 100, 10, 1.0)
+    plain = plan_epochs(1000, 100, timing, 32)
+    cheaper = plan_epochs(1000, 100, timing, 32, cost_of_epoch=lambda n: [0.25] * (n // 2) + [1.0] * (n - n // 2))
+    assert cheaper.epochs > plain.epochs
+
+
+def test_a_budget_too_small_for_one_epoch_names_the_smallest_that_works():
+    timing = Timing(1.0, 0.5, 100, 10, 1.0)
+    with pytest.raises(BudgetTooSmall, match=r"the smallest workable budget is about 4m") as small:
+        plan_epochs(150, 100, timing, 16)
+    assert "\n" not in str(small.value) and small.value.exit_code == 2
+    smallest = 4 * 60
+    assert plan_epochs(smallest, 100, timing, 16).epochs >= 1  # the one it names does buy an epoch
+
+
+def test_the_size_is_the_largest_that_affords_enough_epochs():
+    train = {16: 10.0, 24: 22.5, 32: 40.0, 48: 90.0, 64: 160.0}
+    valid = {s: t / 10 for s, t in train.items()}
+    k = B.MIN_EPOCHS_FOR_SIZE
+    assert choose_size(train, valid, k * 44) == 32
+    assert choose_size(train, valid, k * 44 - 1) == 24
+    assert choose_size(train, valid, 10_000 * k) == 64
+    assert choose_size(train, valid, 1) == 16
+
+
+def test_format_seconds():
+    assert [format_seconds(s) for s in (5, 89, 600, 5399, 5400, 7320)] == ["5 s", "89 s", "10 min", "90 min",
+                                                                           "1 h 30 min", "2 h 02 min"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A budgeted fit on tiny data, with the measurement fixed so that the plan is known
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def fixed_timing(monkeypatch):
+    """This machine's timing as `measure` would give it, fixed: 1 s a training batch, 0.2 s a validation batch."""
+    def measure(learn, lr, **kwargs):
+        return Timing(1.0, 0.2, len(learn.dls.train), len(learn.dls.valid), 1.0)
+    monkeypatch.setattr(B, "measure", measure)
+
+
+class CountBatches(Callback):
+    def before_fit(self):
+        self.per_epoch = []
+
+    def before_train(self):
+        self.per_epoch.append(0)
+
+    def after_batch(self):
+        if self.training:
+            self.per_epoch[-1] += 1
+
+
+def test_a_budgeted_run_plans_trains_the_plan_and_records_it(tiny_root, tmp_path, fixed_timing, capsys):
+    counter = CountBatches()
+    result = fit(tiny_root, lr=0.05, size=16, budget="100s", out=tmp_path / "run", cbs=[counter], **SMALL)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    plan = config["args"]["budget_plan"]
+    assert config["args"]["epochs"] == plan["n_epoch"] == len(read_metrics(tmp_path / "run")) == len(counter.per_epoch)
+    # tiny_root: 96 training images, bs 8 -> 12 batches a full epoch; each epoch trains on its share
+    assert counter.per_epoch == [round(96 * plan["epoch_share"]) // 8] * plan["n_epoch"]
+    assert 0 < plan["epoch_share"] <= 1 and plan["epochs"] == pytest.approx(plan["n_epoch"] * plan["epoch_share"], abs=1e-3)
+    lrs = result.learn.recorder.lrs  # the one-cycle schedule ran to its end (lr_max / div_final)
+    assert lrs[-1] < 0.05 / 1000 and max(lrs) == pytest.approx(0.05, rel=0.05)
+    outcome = config["budget"]
+    assert outcome["budget_s"] == 100 and outcome["wall_s"] > 0 and outcome["plan"] == plan
+
+
+def test_the_plan_and_the_time_left_are_said(tiny_root, tmp_path, fixed_timing, capsys):
+    fit(tiny_root, lr=0.05, size=16, budget="100s", out=tmp_path / "run", bs=8, num_workers=0)
+    out = capsys.readouterr().out
+    assert "budget 100s: " in out and " at 16 px (" in out
+    assert "epoch 1/" in out and "left in the run" in out
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "budget 100s: " in log and "left in the run" in log
+
+
+def test_an_unbudgeted_run_shows_the_time_left_too(tiny_root, tmp_path, capsys):
+    fit(tiny_root, epochs=2, lr=0.05, size=16, out=tmp_path / "run", bs=8, num_workers=0)
+    assert "epoch 1/2 done: ~" in capsys.readouterr().out
+
+
+def test_a_budget_too_small_leaves_no_folder_and_exits_2(tiny_root, tmp_path):
+    res = CliRunner().invoke(app, ["fit", "--data", str(tiny_root), "--budget", "2s", "--bs", "8", "--num-workers",
+                                   "0", "--out", str(tmp_path / "run"), "--quiet"])
+    assert res.exit_code == 2 and "smallest workable budget" in res.output, res.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_without_a_size_the_budget_chooses_one(tiny_root, tmp_path, fixed_timing, monkeypatch):
+    monkeypatch.setattr(B, "probe_step_s", lambda *a, **k: (0.01, 0.002))  # fast: 64 px affords enough epochs
+    r = fit(tiny_root, lr=0.05, budget="60s", out=tmp_path / "fast", **SMALL)
+    assert json.loads((tmp_path / "fast" / "config.json").read_text())["args"]["size"] == 64 == r.learn.dls.train.one_batch()[0].shape[-1]
+    monkeypatch.setattr(B, "probe_step_s", lambda *a, **k: (5.0, 1.0))  # slow: the smallest size
+    fit(tiny_root, lr=0.05, budget="60s", out=tmp_path / "slow", **SMALL)
+    assert json.loads((tmp_path / "slow" / "config.json").read_text())["args"]["size"] == 16
+
+
+class InterruptAfterEpoch(Callback):
+    order = 80  # after RunLogger (70) has checkpointed the epoch
+
+    def after_epoch(self):
+        if self.epoch == 0:
+            raise KeyboardInterrupt
+
+
+def test_a_resumed_budget_run_goes_on_with_its_plan(tiny_root, tmp_path, fixed_timing, capsys):
+    with pytest.raises(RunInterrupted):
+        fit(tiny_root, lr=0.05, size=16, budget="100s", out=tmp_path / "run", cbs=[InterruptAfterEpoch()], **SMALL)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
+    counter = CountBatches()
+    fit(out=tmp_path / "run", resume=True, cbs=[counter], bs=8, num_workers=0)
+    assert "the plan goes on" in capsys.readouterr().out
+    assert len(read_metrics(tmp_path / "run")) == saved["epochs"]
+    assert counter.per_epoch[-1] == round(96 * saved["budget_plan"]["epoch_share"]) // 8
+    with pytest.raises(RunError, match="--budget"):  # the plan cannot change under a resume
+        fit(out=tmp_path / "run", resume=True, budget="1h", quiet=True)
+
+
+def test_the_budget_benchmark_writes_a_row_per_run(tiny_root, tmp_path):
+    """benchmarks/budget.py times `fit --budget` from outside and appends what it measured (on real data it is
+    what says whether a run lands within 5% of its budget)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    from benchmarks.budget import main as bench_budget
+    results = tmp_path / "budget.jsonl"
+    row = bench_budget(["--data", str(tiny_root), "--budget", "45s", "--results", str(results),
+                        "--out", str(tmp_path / "run"), "--", "--size", "16", "--bs", "8", "--num-workers", "0"])
+    assert json.loads(results.read_text().splitlines()[-1]) == row
+    assert row["exit_code"] == 0 and row["budget_s"] == 45 and row["size"] == 16 and row["epochs_done"] >= 1
+    assert 0 < row["wall_s"] and row["share_of_budget"] == pytest.approx(row["wall_s"] / 45, abs=1e-3)
+    assert row["peak_rss_gib"] > 0 and 0 <= row["best_top1"] <= 1 and row["plan"]["n_epoch"] == row["epochs_done"]

@@ -1,0 +1,304 @@
+"""A run planned for the time there is (`fit --budget 90m`), instead of for a number of epochs.
+
+Users have an afternoon on a laptop or 15 minutes of a lent GPU; fastai, timm and the classic recipe all ask for
+epochs. Budgeted training (Li, Yumer and Ramanan, ICLR 2020) shows that a schedule fitted to the budget beats a
+long schedule cut short, so the budget plans the run and the one-cycle schedule always completes:
+
+1. the image size, where `--size` is not given: a few throwaway steps of the bare model at 32 px give this
+   machine's step time, scaled by the pixel count to the other sizes, and `choose_size` takes the largest size
+   that still affords `MIN_EPOCHS_FOR_SIZE` epochs;
+2. after the cache build and the range test of `--lr auto` (both spent from the budget), a few throwaway training
+   and validation batches of the real Learner (`measure`, which puts everything back) give the step and
+   validation times at that size;
+3. `plan_epochs` fits the epochs, fractional: a plan of 6.4 epochs is 7 epochs, each training on the first 91%
+   of its shuffle (`CachedBatchDL.epoch_share`), so the schedule spans the iterations there is time for, and every
+   epoch is validated and checkpointed.
+
+A budget too small for one epoch at the smallest size is `BudgetTooSmall`, naming the smallest workable budget.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from fastai.callback.core import Callback, CancelFitException, CancelTrainException, CancelValidException
+from fastai.learner import Learner
+
+from .errors import RunError
+from .learner import kept_state
+
+SIZES = (16, 24, 32, 48, 64)  # the training sizes a budget chooses from
+# Provisional, until the full-data measurements of issue #29 (docs/BENCHMARKS.md) replace it: the largest size
+# that affords this many epochs. It gives 64 px to a 30-epoch GPU budget and 32 px to 2 hours on the 2-core CPU
+# (about 9 epochs there), as the one full-data epoch measured at 32 px (709 s, 19.2% top-1) suggests.
+MIN_EPOCHS_FOR_SIZE = 8
+MIN_EPOCHS = 1.0  # below one epoch of the smallest size a run is not worth starting
+RESERVE = (5.0, 0.02)  # seconds, and share of the budget, kept for the end: best weights back, learner.pkl, plots
+
+
+class BudgetTooSmall(RunError):
+    """The budget cannot buy one epoch: the message names the smallest budget that can. Exit code 2, as a flag
+    out of its range."""
+    exit_code = 2
+
+
+def parse_budget(budget: str | float | int) -> float:
+    """Seconds, from `90m`, `1.5h`, `300s` or a plain number of seconds."""
+    if isinstance(budget, (int, float)):
+        seconds = float(budget)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(budget).lower())
+        if not m:
+            raise RunError(f"--budget takes a time such as 90m, 1.5h or 300s, not {budget!r}")
+        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if not seconds > 0:
+        raise RunError(f"--budget must be above zero, not {budget!r}")
+    return seconds
+
+
+def format_seconds(seconds: float) -> str:
+    """`45 s`, `13 min`, `1 h 05 min`: for plans and time-left lines."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+@dataclass
+class Timing:
+    """This machine's cost of one run at one size: per training batch, per validation batch, per checkpoint."""
+    train_batch_s: float
+    valid_batch_s: float
+    train_batches: int  # a whole epoch's
+    valid_batches: int
+    checkpoint_s: float = 1.0
+
+    @property
+    def train_epoch_s(self) -> float:
+        return self.train_batch_s * self.train_batches
+
+    @property
+    def valid_s(self) -> float:
+        return self.valid_batch_s * self.valid_batches
+
+
+@dataclass
+class Plan:
+    budget_s: float
+    spent_s: float      # before training: cache build, range test, measurement
+    size: int
+    epochs: float       # of the whole training set
+    n_epoch: int        # validated epochs: `epochs` spread over them
+    epoch_share: float  # the share of each epoch's shuffle that is trained on
+    epoch_s: float      # one epoch's training time, at epoch_share
+    valid_s: float
+    reserve_s: float
+
+    def line(self, budget_text: str) -> str:
+        return (f"budget {budget_text}: {self.epochs:.1f} epochs at {self.size} px "
+                f"({self.n_epoch} of {self.epoch_share:.0%} of the training set), ~{format_seconds(self.epoch_s)} "
+                f"each, validation {format_seconds(self.valid_s)}; {format_seconds(self.spent_s)} spent before "
+                f"training")
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def reserve_for(budget_s: float) -> float:
+    return RESERVE[0] + RESERVE[1] * budget_s
+
+
+def plan_epochs(budget_s: float, spent_s: float, timing: Timing, size: int,
+                cost_of_epoch: list[float] | None = None) -> Plan:
+    """The most training the time left buys, every epoch validated and checkpointed. `cost_of_epoch` (a factor per
+    validated epoch, for progressive resizing: smaller images cost less) is called with the number of epochs."""
+    left = budget_s - spent_s - reserve_for(budget_s)
+    per_epoch_fixed = timing.valid_s + timing.checkpoint_s
+    # n validated epochs, each training on `share` of the set: share * T * sum(factors) + n * fixed = left. Every
+    # validation costs training time, so the fewest epochs with share <= 1 train the most.
+    n_epoch = 1
+    while True:
+        factors = cost_of_epoch(n_epoch) if cost_of_epoch else [1.0] * n_epoch
+        share = (left - n_epoch * per_epoch_fixed) / (timing.train_epoch_s * sum(factors))
+        if share <= 1.0:
+            break
+        n_epoch += 1
+    epochs = max(share, 0.0) * n_epoch
+    smallest = spent_s + timing.train_epoch_s * MIN_EPOCHS + per_epoch_fixed
+    smallest = (smallest + RESERVE[0]) / (1 - RESERVE[1])
+    if epochs < MIN_EPOCHS:
+        raise BudgetTooSmall(f"a budget of {format_seconds(budget_s)} buys {max(epochs, 0):.2f} epochs at {size} px "
+                             f"here ({format_seconds(spent_s)} went to the data and set-up, an epoch takes "
+                             f"{format_seconds(timing.train_epoch_s + per_epoch_fixed)}): the smallest workable "
+                             f"budget is about {math.ceil(smallest / 60)}m")
+    return Plan(budget_s, spent_s, size, epochs, n_epoch, share, share * timing.train_epoch_s, timing.valid_s,
+                reserve_for(budget_s))
+
+
+def choose_size(train_epoch_s_at: dict[int, float], valid_s_at: dict[int, float], left_s: float) -> int:
+    """The largest of `SIZES` that affords `MIN_EPOCHS_FOR_SIZE` epochs in `left_s`, else the smallest."""
+    for size in sorted(train_epoch_s_at, reverse=True):
+        if MIN_EPOCHS_FOR_SIZE * (train_epoch_s_at[size] + valid_s_at[size]) <= left_s:
+            return size
+    return min(train_epoch_s_at)
+
+
+def probe_step_s(model: torch.nn.Module, bs: int, size: int, dtype: torch.dtype | None, device: torch.device,
+                 steps: int = 3) -> tuple[float, float]:
+    """(training step, inference pass) seconds of `model` on a random batch at `size` px, after one warm-up each:
+    the bare model, before any data is decoded. The model is given back as it was."""
+    x = torch.randn(bs, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 2, (bs,), device=device)
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else (lambda: torch.autocast("cpu", enabled=False))
+    model.to(device=device, memory_format=torch.channels_last)
+
+    def step():
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    def forward():
+        with torch.no_grad(), autocast():
+            model(x)
+
+    times = []
+    try:
+        for fn in (step, forward):
+            model.train(fn is step)
+            fn()
+            _sync(device)
+            t = time.perf_counter()
+            for _ in range(steps):
+                fn()
+            _sync(device)
+            times.append((time.perf_counter() - t) / steps)
+    finally:
+        model.load_state_dict(saved)
+        model.train()
+    return times[0], times[1]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _Clock(Callback):
+    """Times `n_train` training batches and `n_valid` validation batches after `warmup` of each, then ends the
+    fit. Runs before every other callback of a batch and after every other callback's after_batch."""
+    order = -1000
+
+    def __init__(self, n_train: int, n_valid: int, warmup: int):
+        self.n_train, self.n_valid, self.warmup = n_train, n_valid, warmup
+        self.train_s, self.valid_s = [], []
+
+    def before_batch(self):
+        _sync(self.dls.device or torch.device("cpu"))
+        self.t = time.perf_counter()
+
+    def after_batch(self):
+        _sync(self.dls.device or torch.device("cpu"))
+        times = self.train_s if self.training else self.valid_s
+        times.append(time.perf_counter() - self.t)
+        if self.training and len(times) >= self.warmup + self.n_train:
+            raise CancelTrainException()
+        if not self.training and len(times) >= self.warmup + self.n_valid:
+            raise CancelValidException()
+
+    def after_validate(self):
+        raise CancelFitException()
+
+    def after_cancel_validate(self):
+        raise CancelFitException()
+
+
+def measure(learn: Learner, lr: float, n_train: int = 4, n_valid: int = 2, warmup: int = 2) -> Timing:
+    """Throwaway batches of the real Learner (loader, transforms, callbacks, model), timed, then everything put
+    back: weights, optimizer, random states, the loader's stream. Medians, after `warmup` batches of each."""
+    rng = learn.dls.train.rng.getstate()
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    clock = _Clock(n_train, n_valid, warmup)
+    with kept_state(learn), learn.no_bar(), learn.no_logging():
+        learn.fit(1, lr, cbs=[clock])
+    learn.dls.train.rng.setstate(rng)
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.set_rng_state(states[2])
+    train = clock.train_s[warmup:] or clock.train_s
+    valid = clock.valid_s[warmup:] or clock.valid_s
+    return Timing(float(np.median(train)), float(np.median(valid)) if valid else 0.0,
+                  len(learn.dls.train), len(learn.dls.valid))
+
+
+class TimeLeft(Callback):
+    """After each epoch, the wall time left in the whole run: to the budget's deadline in a budgeted run, else the
+    mean epoch so far times the epochs to go. The progress bar only knows the epoch's."""
+    order = 75  # after RunLogger (70) has written the epoch
+
+    def __init__(self, deadline: float | None = None, show: bool = True, start_epoch: int = 0):
+        self.deadline, self.show, self.start_epoch, self.durations = deadline, show, start_epoch, []
+
+    def before_epoch(self):
+        self.t_epoch = time.perf_counter()
+
+    def after_epoch(self):
+        if self.epoch < self.start_epoch:  # skipped by a resume
+            return
+        self.durations.append(time.perf_counter() - self.t_epoch)
+        to_go = self.n_epoch - self.epoch - 1
+        if self.deadline is not None:
+            left = max(0.0, self.deadline - time.time())
+        else:
+            left = to_go * float(np.mean(self.durations))
+        self.left = left
+        if self.show and to_go > 0:
+            print(f"epoch {self.epoch + 1}/{self.n_epoch} done: ~{format_seconds(left)} left in the run")
+
+
+PROBE_SIZE = 32
+
+
+def budget_size(run, spent_s: float) -> int:
+    """The size a budget affords (`choose_size`), from the bare model's step time at `PROBE_SIZE` on this machine,
+    scaled by the pixel count to each of `SIZES`, and the dataset's size (its file list: nothing is decoded)."""
+    from fastai.torch_core import default_device
+    from .data import tiny_imagenet_files
+    from .dataset import resolve_dataset
+    from .learner import autocast_dtype
+    from .model import resnet18
+    wnids, files, val = tiny_imagenet_files(resolve_dataset(run.data), run.classes, run.train_per_class)
+    device = default_device()
+    step_s, forward_s = probe_step_s(resnet18(len(wnids), stem=run.stem), run.bs, PROBE_SIZE,
+                                     autocast_dtype(run.precision, device), device)
+    train_batches, valid_batches = math.ceil((len(files) - len(val)) / run.bs), math.ceil(len(val) / run.bs)
+    scale = {s: (s / PROBE_SIZE) ** 2 for s in SIZES}
+    budget_s = parse_budget(run.budget)
+    train = {s: step_s * scale[s] * train_batches for s in SIZES}
+    valid = {s: forward_s * scale[s] * valid_batches for s in SIZES}
+    smallest = min(SIZES)  # not even one epoch there: said now, before the cache is built
+    plan_epochs(budget_s, spent_s, Timing(train[smallest] / train_batches, valid[smallest] / valid_batches,
+                                          train_batches, valid_batches), smallest)
+    return choose_size(train, valid, budget_s - spent_s - reserve_for(budget_s))
+
+
+def plan_run(learn: Learner, run, spent_s: float, lr: float, budget_s: float) -> Plan:
+    """The run's plan: `measure` on the Learner as built (the cache built, the LR picked), then `plan_epochs`,
+    with progressive resizing's cheaper first epochs counted."""
+    from .callbacks import progressive_sizes
+    start = time.time()
+    timing = measure(learn, lr)
+    cost = None
+    if getattr(run, "progressive", 0):
+        cost = lambda n: [(s / run.size) ** 2 for s in progressive_sizes(run.size, n, run.progressive)]  # noqa: E731
+    return plan_epochs(budget_s, spent_s + time.time() - start, timing, run.size, cost)
