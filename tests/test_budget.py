@@ -72,6 +72,15 @@ def test_the_size_is_the_largest_that_affords_enough_epochs():
     assert choose_size(train, valid, 1) == 16
 
 
+def test_step_times_at_each_size_are_a_fixed_cost_plus_a_cost_per_pixel():
+    """As measured on the 2-core CPU for the whole dataset (2026-12-07): a step at 16 px costs about half of one
+    at 32 px, not a quarter: a pure per-pixel scaling would promise 16 px twice the epochs it gives."""
+    at = B.per_size({16: 1.0, 32: 2.0})
+    assert at[16] == pytest.approx(1.0) and at[32] == pytest.approx(2.0)
+    assert at[64] == pytest.approx(2 / 3 + 4096 / 768)  # fixed 2/3, 1/768 a pixel
+    assert B.per_size({16: 1.0, 32: 4.0})[64] == pytest.approx(16.0)  # a pure per-pixel cost stays one
+
+
 def test_format_seconds():
     assert [format_seconds(s) for s in (5, 89, 600, 5399, 5400, 7320)] == ["5 s", "89 s", "10 min", "90 min",
                                                                            "1 h 30 min", "2 h 02 min"]
@@ -140,7 +149,7 @@ def test_without_a_size_the_budget_chooses_one(tiny_root, tmp_path, fixed_timing
     monkeypatch.setattr(B, "probe_step_s", lambda *a, **k: (0.01, 0.002))  # fast: 64 px affords enough epochs
     r = fit(tiny_root, lr=0.05, budget="60s", out=tmp_path / "fast", **SMALL)
     assert json.loads((tmp_path / "fast" / "config.json").read_text())["args"]["size"] == 64 == r.learn.dls.train.one_batch()[0].shape[-1]
-    monkeypatch.setattr(B, "probe_step_s", lambda *a, **k: (5.0, 1.0))  # slow: the smallest size
+    monkeypatch.setattr(B, "probe_step_s", lambda model, bs, size, *a, **k: (5.0 * (size / 32) ** 2, (size / 32) ** 2))
     fit(tiny_root, lr=0.05, budget="60s", out=tmp_path / "slow", **SMALL)
     assert json.loads((tmp_path / "slow" / "config.json").read_text())["args"]["size"] == 16
 

@@ -4,9 +4,10 @@ Users have an afternoon on a laptop or 15 minutes of a lent GPU; fastai, timm an
 epochs. Budgeted training (Li, Yumer and Ramanan, ICLR 2020) shows that a schedule fitted to the budget beats a
 long schedule cut short, so the budget plans the run and the one-cycle schedule always completes:
 
-1. the image size, where `--size` is not given: a few throwaway steps of the bare model at 32 px give this
-   machine's step time, scaled by the pixel count to the other sizes, and `choose_size` takes the largest size
-   that still affords `MIN_EPOCHS_FOR_SIZE` epochs;
+1. the image size, where `--size` is not given: a few throwaway steps of the bare model at 16 and 32 px give this
+   machine's step time as a fixed cost plus a cost per pixel, which gives it at the other sizes, and `choose_size`
+   takes the largest size that still affords `MIN_EPOCHS_FOR_SIZE` epochs (a step at 16 px costs half of one at
+   32 px on the 2-core CPU, not a quarter: the fixed cost matters);
 2. after the cache build and the range test of `--lr auto` (both spent from the budget), a few throwaway training
    and validation batches of the real Learner (`measure`, which puts everything back) give the step and
    validation times at that size;
@@ -23,6 +24,7 @@ import random
 import re
 import time
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -116,7 +118,7 @@ def reserve_for(budget_s: float) -> float:
 
 
 def plan_epochs(budget_s: float, spent_s: float, timing: Timing, size: int,
-                cost_of_epoch: list[float] | None = None) -> Plan:
+                cost_of_epoch: Callable[[int], list[float]] | None = None) -> Plan:
     """The most training the time left buys, every epoch validated and checkpointed. `cost_of_epoch` (a factor per
     validated epoch, for progressive resizing: smaller images cost less) is called with the number of epochs."""
     left = budget_s - spent_s - reserve_for(budget_s)
@@ -266,26 +268,33 @@ class TimeLeft(Callback):
             print(f"epoch {self.epoch + 1}/{self.n_epoch} done: ~{format_seconds(left)} left in the run")
 
 
-PROBE_SIZE = 32
+PROBE_SIZES = (16, 32)
+
+
+def per_size(at: dict[int, float]) -> dict[int, float]:
+    """A time measured at the two `PROBE_SIZES`, at each of `SIZES`: a fixed cost plus a cost per pixel."""
+    (s0, t0), (s1, t1) = sorted(at.items())
+    per_pixel = max(0.0, (t1 - t0) / (s1 ** 2 - s0 ** 2))
+    fixed = max(0.0, t0 - per_pixel * s0 ** 2)
+    return {s: fixed + per_pixel * s ** 2 for s in SIZES}
 
 
 def budget_size(run, spent_s: float) -> int:
-    """The size a budget affords (`choose_size`), from the bare model's step time at `PROBE_SIZE` on this machine,
-    scaled by the pixel count to each of `SIZES`, and the dataset's size (its file list: nothing is decoded)."""
+    """The size a budget affords (`choose_size`), from the bare model's step and inference times at `PROBE_SIZES`
+    on this machine (`per_size`), and the dataset's size (its file list: nothing is decoded)."""
     from fastai.torch_core import default_device
     from .data import tiny_imagenet_files
     from .dataset import resolve_dataset
     from .learner import autocast_dtype
     from .model import resnet18
     wnids, files, val = tiny_imagenet_files(resolve_dataset(run.data), run.classes, run.train_per_class)
-    device = default_device()
-    step_s, forward_s = probe_step_s(resnet18(len(wnids), stem=run.stem), run.bs, PROBE_SIZE,
-                                     autocast_dtype(run.precision, device), device)
+    device, model = default_device(), resnet18(len(wnids), stem=run.stem)
+    probes = {s: probe_step_s(model, run.bs, s, autocast_dtype(run.precision, device), device) for s in PROBE_SIZES}
+    step_s, forward_s = per_size({s: p[0] for s, p in probes.items()}), per_size({s: p[1] for s, p in probes.items()})
     train_batches, valid_batches = math.ceil((len(files) - len(val)) / run.bs), math.ceil(len(val) / run.bs)
-    scale = {s: (s / PROBE_SIZE) ** 2 for s in SIZES}
     budget_s = parse_budget(run.budget)
-    train = {s: step_s * scale[s] * train_batches for s in SIZES}
-    valid = {s: forward_s * scale[s] * valid_batches for s in SIZES}
+    train = {s: step_s[s] * train_batches for s in SIZES}
+    valid = {s: forward_s[s] * valid_batches for s in SIZES}
     smallest = min(SIZES)  # not even one epoch there: said now, before the cache is built
     plan_epochs(budget_s, spent_s, Timing(train[smallest] / train_batches, valid[smallest] / valid_batches,
                                           train_batches, valid_batches), smallest)

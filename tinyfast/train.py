@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -299,7 +300,8 @@ class FitResult:
 
 def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: float | str = 0.1,
         schedule: str = "one-cycle", wd: float = 5e-4, mom: float = 0.9, label_smoothing: float = 0.1,
-        size: int | None = None, budget: str | float | None = None, stem: str = "cifar", out: Path | str | None = None, resume: bool = False, seed: int = 42,
+        size: int | None = None, budget: str | float | None = None, stem: str = "cifar",
+        out: Path | str | None = None, resume: bool = False, seed: int = 42,
         precision: str = "auto", num_workers: int | None = None, monitor: str = "valid_loss", patience: int = 2,
         factor: float = 5.0, classes: int | None = None, train_per_class: int | None = None, aug: bool = True,
         lr_mode: str = "smith", lr_num_it: int = 100, lr_val_batches: int = 2, ema: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
@@ -341,12 +343,8 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
             print(resumed_with)
         set_seed(run.seed)
         if run.size is None:  # the budget's choice, or the default
-            try:
+            with _no_folder_if_budget_too_small(run_dir, new=start is None):
                 run.size = on_main(budget_size, run, time.time() - called) if run.budget is not None else DEFAULT_SIZE
-            except BudgetTooSmall:
-                if main:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-                raise
         with main_process_first():  # rank 0 decodes the image cache, the others reuse it
             dls = tiny_imagenet_dls(run.data, bs=run.bs, size=run.size, num_workers=run.num_workers,
                                     aug=None if run.aug else False, classes=run.classes,
@@ -356,16 +354,13 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         learn.path, learn.model_dir = run_dir, "."
         if start is None:  # rank 0 writes the files and picks the LR; the others take its LR
             run.lr_picked = on_main(_start_run, learn, run_dir, run, command, world_size(), quiet)
-        try:
+        with _no_folder_if_budget_too_small(run_dir, new=start is None):
             deadline = _apply_budget(learn, run, run_dir, start, called, quiet) if run.budget is not None else None
-        except BudgetTooSmall:
-            if start is None and main:  # a new folder with nothing in it worth keeping: not left behind
-                shutil.rmtree(run_dir, ignore_errors=True)
-            raise
         logger = RunLogger(run_dir, start)
         run_cbs = ([logger, StopOnNaN(), SmoothLossOnDevice(1 if run.log != "csv" else SYNC_EVERY),
-                    TimeLeft(deadline, show=not quiet and main, start_epoch=start["epoch"] if start else 0)] + lever_callbacks(vars(run), start)
-                   + tracker_callbacks(vars(run), run_dir, start, quiet) + list(cbs or []))
+                    TimeLeft(deadline, show=not quiet and main, start_epoch=start["epoch"] if start else 0)]
+                   + lever_callbacks(vars(run), start) + tracker_callbacks(vars(run), run_dir, start, quiet)
+                   + list(cbs or []))
         if run.compile:
             run_cbs.append(CompileModel())
         if run.schedule == "plateau":
@@ -403,9 +398,9 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         tta_scores = _score_with_tta(learn, run_dir, logger.best, quiet) if run.tta else None
         if main:
             write_plots(run_dir, logger)
-            atomic_write(run_dir / LEARNER, learn.export)
+            atomic_write(run_dir / LEARNER, learn.export)  # fastai's export writes to learn.path / the name given
             if run.budget is not None:
-                _record_budget_outcome(run_dir, run, start, called)  # fastai's export writes to learn.path / the name given
+                _record_budget_outcome(run_dir, run, start, called)
             if run.log == "wandb":
                 import wandb
                 wandb.finish()
@@ -506,8 +501,7 @@ def _apply_budget(learn: Learner, run: SimpleNamespace, run_dir: Path, start: di
     if start is None:
         plan = on_main(plan_run, learn, run, time.time() - called, float(run.lr_picked or run.lr), budget_s)
         run.epochs, run.budget_plan = plan.n_epoch, plan.as_dict()
-        on_main(_update_config, run_dir, args={k: v for k, v in vars(run).items() if k != "lr_picked"} |
-                {"lr_picked": run.lr_picked})
+        on_main(_update_config, run_dir, args=dict(vars(run)))
         if is_main_process():
             print(plan.line(str(run.budget)))
         used = 0.0
@@ -518,6 +512,17 @@ def _apply_budget(learn: Learner, run: SimpleNamespace, run_dir: Path, start: di
                   f"({run.epochs} epochs of {run.budget_plan['epoch_share']:.0%} of the training set)")
     learn.dls.train.epoch_share = run.budget_plan["epoch_share"]
     return called + budget_s - used
+
+
+@contextmanager
+def _no_folder_if_budget_too_small(run_dir: Path, new: bool) -> Iterator[None]:
+    """A budget found too small leaves no folder behind: a new one holds nothing worth keeping yet."""
+    try:
+        yield
+    except BudgetTooSmall:
+        if new and is_main_process():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _update_config(run_dir: Path, **changes) -> None:
