@@ -31,15 +31,22 @@ def run_budget(data: str, budget: str, out: Path, fit_flags: list[str]) -> dict:
     proc = subprocess.run(command, capture_output=True, text=True)
     wall = time.time() - start
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB, the largest child so far
+    return budget_row(out, data, budget, fit_flags, proc.returncode, wall, peak_kib / 2**20,
+                      (proc.stdout + proc.stderr).strip().splitlines()[-1:])
+
+
+def budget_row(out: Path, data: str, budget: str, fit_flags: list[str], exit_code: int, wall_s: float,
+               peak_rss_gib: float, last_line: list[str]) -> dict:
+    """What a budgeted run folder says of itself (plan, size, epochs, top-1), beside what was measured outside."""
     row = {"date": datetime.now().isoformat(timespec="seconds"), "data": data, "budget": budget,
-           "fit_flags": fit_flags, "exit_code": proc.returncode, "wall_s": round(wall, 1),
-           "peak_rss_gib": round(peak_kib / 2**20, 2), "last_line": (proc.stdout + proc.stderr).strip().splitlines()[-1:]}
+           "fit_flags": fit_flags, "exit_code": exit_code, "wall_s": round(wall_s, 1),
+           "peak_rss_gib": round(peak_rss_gib, 2), "last_line": last_line}
     config_file = out / "config.json"
     if config_file.exists():
         config = json.loads(config_file.read_text())
-        budget_s = config.get("budget", {}).get("budget_s") or config["args"].get("budget_plan", {}).get("budget_s")
-        row.update({"budget_s": budget_s, "share_of_budget": round(wall / budget_s, 4) if budget_s else None,
-                    "within_5pct": bool(budget_s) and abs(wall / budget_s - 1) <= 0.05,
+        budget_s = config.get("budget", {}).get("budget_s") or (config["args"].get("budget_plan") or {}).get("budget_s")
+        row.update({"budget_s": budget_s, "share_of_budget": round(wall_s / budget_s, 4) if budget_s else None,
+                    "within_5pct": bool(budget_s) and abs(wall_s / budget_s - 1) <= 0.05,
                     "plan": config["args"].get("budget_plan"), "size": config["args"].get("size"),
                     "fit_wall_s": config.get("budget", {}).get("wall_s")})
     if (out / "metrics.csv").exists():

@@ -243,31 +243,6 @@ def measure(learn: Learner, lr: float, n_train: int = 4, n_valid: int = 2, warmu
                   len(learn.dls.train), len(learn.dls.valid))
 
 
-class TimeLeft(Callback):
-    """After each epoch, the wall time left in the whole run: to the budget's deadline in a budgeted run, else the
-    mean epoch so far times the epochs to go. The progress bar only knows the epoch's."""
-    order = 75  # after RunLogger (70) has written the epoch
-
-    def __init__(self, deadline: float | None = None, show: bool = True, start_epoch: int = 0):
-        self.deadline, self.show, self.start_epoch, self.durations = deadline, show, start_epoch, []
-
-    def before_epoch(self):
-        self.t_epoch = time.perf_counter()
-
-    def after_epoch(self):
-        if self.epoch < self.start_epoch:  # skipped by a resume
-            return
-        self.durations.append(time.perf_counter() - self.t_epoch)
-        to_go = self.n_epoch - self.epoch - 1
-        if self.deadline is not None:
-            left = max(0.0, self.deadline - time.time())
-        else:
-            left = to_go * float(np.mean(self.durations))
-        self.left = left
-        if self.show and to_go > 0:
-            print(f"epoch {self.epoch + 1}/{self.n_epoch} done: ~{format_seconds(left)} left in the run")
-
-
 PROBE_SIZES = (16, 32)
 
 
@@ -301,13 +276,10 @@ def budget_size(run, spent_s: float) -> int:
     return choose_size(train, valid, budget_s - spent_s - reserve_for(budget_s))
 
 
-def plan_run(learn: Learner, run, spent_s: float, lr: float, budget_s: float) -> Plan:
-    """The run's plan: `measure` on the Learner as built (the cache built, the LR picked), then `plan_epochs`,
-    with progressive resizing's cheaper first epochs counted."""
-    from .callbacks import progressive_sizes
+def plan_run(learn: Learner, size: int, spent_s: float, lr: float, budget_s: float,
+             cost_of_epoch: Callable[[int], list[float]] | None = None) -> Plan:
+    """The run's plan: `measure` on the Learner as built (the cache built, the LR picked), then `plan_epochs`
+    (`cost_of_epoch`: progressive resizing's cheaper first epochs)."""
     start = time.time()
     timing = measure(learn, lr)
-    cost = None
-    if getattr(run, "progressive", 0):
-        cost = lambda n: [(s / run.size) ** 2 for s in progressive_sizes(run.size, n, run.progressive)]  # noqa: E731
-    return plan_epochs(budget_s, spent_s + time.time() - start, timing, run.size, cost)
+    return plan_epochs(budget_s, spent_s + time.time() - start, timing, size, cost_of_epoch)

@@ -1,5 +1,6 @@
-"""What fastai has no callback for, in its callback idiom: a NaN guard that says where, and two training levers,
-an EMA of the weights and progressive resizing. (Mixup and CutMix are fastai's own `MixUp` and `CutMix`;
+"""What fastai has no callback for, in its callback idiom: a NaN guard that says where, a run's files written
+after every epoch, the time left in the run, and two training levers, an EMA of the weights and progressive
+resizing. (Mixup and CutMix are fastai's own `MixUp` and `CutMix`;
 test-time augmentation is fastai's `Learner.tta`.)
 
 `StopOnNaN` is the one guard against a non-finite training loss, in `fit` (which reports it) and in the LR range
@@ -17,6 +18,11 @@ the EMA model's, and the run's model.pth holds the EMA weights (`RunLogger` asks
 `SmithLRFinder` is Leslie Smith's LR range test as a callback, as fastai's `LRFinder` is its own (the test
 itself, its rules and the Learner's state kept around it are in `lr_range`).
 
+`RunLogger` writes a run folder's metrics, best weights and checkpoint after every epoch; `Plateau`, `TensorBoard`
+and `Wandb` are fastai's ReduceLROnPlateau and trackers made to survive a resume. A resumed fit replays the epochs
+before its checkpoint as cancelled ones (fastai's `SkipToEpoch`), whose `after_epoch` still runs: every callback
+here that acts after an epoch asks `ResumeAware.skipped` first, the one rule for that.
+
 `ProgressiveResize` trains the first epochs on smaller images (fastai's progressive resizing, as in the
 fast.ai DAWNBench runs), by resizing each training batch on the device: the augmentation still runs once,
 at full size, and validation always sees the full size.
@@ -24,21 +30,30 @@ at full size, and validation always sees the full size.
 from __future__ import annotations
 
 import math
+import os
+import random
+import time
 from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
 
 import torch
 import torch.nn.functional as F
 from fastai.callback.core import Callback, CancelFitException, CancelValidException
 from fastai.callback.mixup import CutMix, MixUp
 from fastai.callback.schedule import ParamScheduler, SchedLin
+from fastai.callback.tracker import ReduceLROnPlateau
 from fastai.learner import AvgSmoothLoss, Recorder
 from fastai.torch_core import to_float, unsqueeze
 from fastcore.foundation import L
 from torch.optim.swa_utils import AveragedModel
 
-from .distributed import all_ranks_min, unwrap_model
+from .budget import format_seconds
+from .distributed import all_ranks_min, is_main_process, unwrap_model
 from .errors import NonFiniteLoss
 from .learner import kept_modes
+from .run_folder import save_checkpoint, save_model, write_metrics
 
 
 SYNC_EVERY = 50  # training batches between two reads of a device value by the host (NaN verdict, smoothed loss)
@@ -352,3 +367,185 @@ class SmithLRFinder(ParamScheduler):
                 loss = self.learn.loss_func(to_float(model(*xb)), yb)
                 total, count = total + float(loss) * len(yb), count + len(yb)
         return total / count
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A run's callbacks (`tinyfast.train.fit`)
+# ---------------------------------------------------------------------------------------------------------
+class ResumeAware:
+    """A callback of a resumed fit: the epochs before `start_epoch` are the ones a resume skips (fastai's
+    `SkipToEpoch` cancels them, then runs their `after_epoch`): there is nothing to record, track or time."""
+    start_epoch: int = 0
+
+    def skipped(self) -> bool:
+        return self.epoch < self.start_epoch
+
+
+class RunLogger(ResumeAware, Callback):
+    """After every epoch: a metrics.csv row, model.pth when accuracy improves (the EMA weights in an EMA run),
+    and checkpoint.pth holding all a resume needs (model, optimizer, EMA, loss scale, epoch, the train
+    DataLoader's rng, the rows and the LR/mom trace)."""
+    order = 70  # after Recorder (50) and the trackers (60-62)
+
+    def __init__(self, run_dir: Path, start: dict | None = None):
+        self.run_dir = Path(run_dir)
+        start = start or {}
+        self.rows: list[dict] = start.get("rows", [])
+        self.lrs: list[float] = start.get("lrs", [])
+        self.moms: list[float] = start.get("moms", [])
+        self.start_epoch: int = start.get("epoch", 0)
+        self.best = max((r["accuracy"] for r in self.rows), default=-1.0)
+        self.writes = is_main_process()  # every rank keeps the rows (metrics are gathered), rank 0 writes
+
+    @property
+    def best_epoch(self) -> int | None:
+        return max(self.rows, key=lambda r: r["accuracy"])["epoch"] if self.rows else None
+
+    def before_epoch(self):
+        self.t_epoch = time.perf_counter()
+
+    def before_train(self):
+        self.t_train = time.perf_counter()
+
+    def after_train(self):
+        if self.dls.device is not None and torch.device(self.dls.device).type == "cuda":
+            torch.cuda.synchronize()  # the queued kernels are training time too
+        self.train_seconds = time.perf_counter() - self.t_train
+
+    def after_batch(self):
+        if self.training and not self.skipped():
+            h = self.opt.hypers[-1]
+            self.lrs.append(float(h["lr"]))
+            self.moms.append(float(h.get("mom", 0.0)))
+
+    def after_epoch(self):
+        if self.skipped():
+            return
+        train_loss, valid_loss, acc, top5 = (float(v) for v in self.recorder.values[-1][:4])
+        seconds = time.perf_counter() - self.t_epoch
+        elapsed = (self.rows[-1]["elapsed"] if self.rows else 0.0) + seconds
+        self.rows.append(dict(epoch=self.epoch + 1, train_loss=train_loss, valid_loss=valid_loss, accuracy=acc,
+                              top5=top5, time=round(seconds, 3), elapsed=round(elapsed, 3),
+                              train_seconds=round(self.train_seconds, 3)))
+        improved = acc > self.best
+        self.best = max(self.best, acc)
+        if not self.writes:
+            return
+        model, ema = unwrap_model(self.learn.model), getattr(self.learn, "ema", None)
+        fast, plateau = getattr(self.learn, "fast_device", None), getattr(self.learn, "plateau", None)
+        if improved:  # the weights that were validated: the EMA's when there is one
+            save_model(self.run_dir, ema.averaged_state() if ema is not None else model.state_dict())
+        write_metrics(self.run_dir, self.rows)
+        save_checkpoint(self.run_dir, dict(
+            model=model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch + 1,
+            ema=ema.checkpoint_state() if ema is not None else None,
+            dl_rng=self.dls.train.rng.getstate(), py_rng=random.getstate(), np_rng=np.random.get_state(),
+            torch_rng=torch.get_rng_state(), rows=self.rows, lrs=self.lrs, moms=self.moms,
+            lr=float(self.opt.hypers[-1]["lr"]), plateau=(plateau.best, plateau.wait) if plateau is not None else None,
+            scaler=fast.scaler.state_dict() if fast is not None and fast.scaler is not None else None))
+
+
+class Plateau(ResumeAware, ReduceLROnPlateau):
+    """fastai's ReduceLROnPlateau (acting on fastai's own SGD) whose `best` and `wait` survive a resume."""
+
+    def __init__(self, *args, state: tuple | None = None, start_epoch: int = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.state, self.start_epoch = state, start_epoch
+
+    def before_fit(self):
+        super().before_fit()
+        if self.state is not None:
+            self.best, self.wait = self.state
+
+    def after_epoch(self):
+        if not self.skipped():
+            super().after_epoch()
+
+
+class TimeLeft(ResumeAware, Callback):
+    """After each epoch, the wall time left in the whole run: to the budget's deadline in a budgeted run, else the
+    mean epoch so far times the epochs to go. The progress bar only knows the epoch's."""
+    order = 75  # after RunLogger (70) has written the epoch
+
+    def __init__(self, deadline: float | None = None, show: bool = True, start_epoch: int = 0):
+        self.deadline, self.show, self.start_epoch, self.durations = deadline, show, start_epoch, []
+
+    def before_epoch(self):
+        self.t_epoch = time.perf_counter()
+
+    def after_epoch(self):
+        if self.skipped():
+            return
+        self.durations.append(time.perf_counter() - self.t_epoch)
+        to_go = self.n_epoch - self.epoch - 1
+        if self.deadline is not None:
+            self.left = max(0.0, self.deadline - time.time())
+        else:
+            self.left = to_go * float(np.mean(self.durations))
+        if self.show and to_go > 0:
+            print(f"epoch {self.epoch + 1}/{self.n_epoch} done: ~{format_seconds(self.left)} left in the run")
+
+
+def tensorboard_callback(run_dir: Path, start_epoch: int) -> Callback:
+    """fastai's TensorBoardCallback into RUN_DIR/tensorboard; the model graph and the prediction images left out
+    (tracing runs a batch, images need show_results)."""
+    from fastai.callback.tensorboard import TensorBoardCallback
+
+    class TensorBoard(ResumeAware, TensorBoardCallback):
+        def after_epoch(self):
+            if not self.skipped():
+                super().after_epoch()
+
+    cb = TensorBoard(log_dir=run_dir / "tensorboard", trace_model=False, log_preds=False)
+    cb.start_epoch = start_epoch
+    return cb
+
+
+def wandb_callback(start_epoch: int) -> Callback:
+    """fastai's WandbCallback (wandb itself initialised by the caller, with the run's own arguments as its config:
+    fastai's walk over the learner's arguments fails on a Path inside the datasets)."""
+    from fastai.callback.wandb import WandbCallback
+
+    class Wandb(ResumeAware, WandbCallback):
+        def before_fit(self):
+            self.learn.gather_args = dict  # "vars() argument must have __dict__" on a slotted Path otherwise
+            try:
+                super().before_fit()
+            finally:
+                del self.learn.gather_args
+
+        def after_epoch(self):
+            if not self.skipped():
+                super().after_epoch()
+
+    cb = Wandb(log_preds=False, log_model=False)
+    cb.start_epoch = start_epoch
+    return cb
+
+
+def tracker_callbacks(args: dict, run_dir: Path, start: dict | None = None, quiet: bool = False) -> list:
+    """fastai's TensorBoardCallback or WandbCallback, writing into the run folder (rank 0 only, as fastai's own)."""
+    log, start_epoch = args.get("log", "csv"), (start or {}).get("epoch", 0)
+    if log == "tensorboard":
+        return [tensorboard_callback(run_dir, start_epoch)]
+    if log == "wandb" and is_main_process():
+        import wandb
+        if wandb.run is None:
+            wandb.init(project="tinyfast", dir=str(run_dir), config=args, mode=os.environ.get("WANDB_MODE", "offline"),
+                       name=run_dir.name, settings=wandb.Settings(silent=quiet))
+        return [wandb_callback(start_epoch)]
+    return []
+
+
+def lever_callbacks(args: dict, start: dict | None = None) -> list:
+    """The callbacks of the levers `args` turns on (EMA, mixup or cutmix, progressive resizing)."""
+    cbs = []
+    if args.get("ema"):
+        cbs.append(EMA(args["ema"], state=(start or {}).get("ema")))
+    if args.get("mixup"):
+        cbs.append(MixUpOnDevice(args["mixup"]))
+    if args.get("cutmix"):
+        cbs.append(CutMixOnDevice(args["cutmix"]))
+    if args.get("progressive"):
+        cbs.append(ProgressiveResize(progressive_sizes(args["size"], args["epochs"], args["progressive"])))
+    return cbs

@@ -23,22 +23,19 @@ a map over any image file.
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from functools import partial
-from types import SimpleNamespace
-from unittest import mock
 
 import cv2
 import numpy as np
 import torch
 from fastai.learner import Learner
 from pytorch_grad_cam import (EigenCAM, GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, ScoreCAM, XGradCAM)
-from pytorch_grad_cam import score_cam as _score_cam_module
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from .choices import CAM_METHOD_NAMES
 from .data import TINY_MEAN, TINY_STD
+from .compat import quiet_scorecam
 from .learner import FastDevice, autocast_dtype, kept_modes
 
 __all__ = ["CAM_METHODS", "cam_class", "resolve_layer", "as_input", "align_cams", "compute_cams", "denormalise",
@@ -150,15 +147,6 @@ def _feature_shape(model: nn.Module, module: nn.Module, x: torch.Tensor) -> tupl
     return tuple(shape)
 
 
-@contextmanager
-def _quiet_scorecam():
-    """Score-CAM draws a tqdm bar per image, to stderr, with no switch to turn it off."""
-    import tqdm
-
-    with mock.patch.object(_score_cam_module, "tqdm", SimpleNamespace(tqdm=partial(tqdm.tqdm, disable=True))):
-        yield
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Computing CAMs
 # ---------------------------------------------------------------------------------------------------------
@@ -245,7 +233,7 @@ def compute_cams(learn_or_model: Learner | nn.Module, images, targets=None, meth
         if len(shape) != 4:
             raise ValueError(f"layer {name!r} gives no spatial map (output shape {shape}); choose one of: "
                              f"{', '.join(_layer_choices(model))}")
-        quiet = _quiet_scorecam() if method == "scorecam" else nullcontext()
+        quiet = quiet_scorecam() if method == "scorecam" else nullcontext()
         with quiet, cam_cls(model=model, target_layers=[module]) as cam:
             cam.batch_size = batch_size  # Score-CAM's batch of masked inputs
             # Registered after the CAM's hooks: they keep the layer's output and the rest of the network

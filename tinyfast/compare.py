@@ -21,7 +21,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .layout import CONFIG, METRICS, atomic_write, atomic_write_text, save_figure
+from .layout import METRICS, atomic_write, atomic_write_text, save_figure
+from .run_folder import read_config
 
 REQUIRED_COLUMNS = ("epoch", "valid_loss", "accuracy", "elapsed")
 NUMERIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "top5", "time", "elapsed")
@@ -32,17 +33,9 @@ _MISSING = object()
 def read_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
     """(config, metrics) of one run folder; a clear one-line ValueError when the folder is not one."""
     d = Path(run_dir)
-    if not d.is_dir():
-        raise ValueError(f"{d}: not a run folder (no such directory)")
-    missing = [f for f in (CONFIG, METRICS) if not (d / f).is_file()]
-    if missing:
-        raise ValueError(f"{d}: not a run folder (no {' or '.join(missing)})")
-    try:
-        config = json.loads((d / CONFIG).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{d}: config.json is not valid JSON ({e.msg}, line {e.lineno})") from None
-    if not isinstance(config, dict) or not isinstance(config.get("args", {}), dict):
-        raise ValueError(f"{d}: config.json must be an object with an 'args' object")
+    config = read_config(d)  # NotARunFolder, a ValueError too, for a folder that is not one
+    if not (d / METRICS).is_file():
+        raise ValueError(f"{d}: not a run folder (no metrics.csv)")
     try:
         metrics = pd.read_csv(d / METRICS)
     except pd.errors.EmptyDataError:

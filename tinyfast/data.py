@@ -28,8 +28,6 @@ import torch
 from fastai.data.block import CategoryBlock, DataBlock
 from fastai.data.core import DataLoaders, TfmdDL
 from fastai.data.transforms import FuncSplitter, Normalize, ToTensor
-from fastai.data.load import _loaders as _fastai_loaders
-from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
 from fastai.torch_core import TensorCategory, TensorImage, default_device, to_device
 from fastai.vision.augment import RandTransform, Resize
 from fastai.vision.core import PILImage
@@ -40,6 +38,7 @@ from PIL import Image
 
 import albumentations as alb  # after fastai: `from fastai.vision.all import *` would bind `A`
 
+from . import compat
 from .dataset import DatasetError, read_val_annotations, read_wnids, read_words, resolve_dataset
 from .errors import RunError
 from .layout import atomic_write, free_bytes, is_val, train_wnid, write_failure  # is_val: the splitter, found here by an older learner.pkl
@@ -472,7 +471,7 @@ def serve_batches(loader):
     flag says."""
     loader.randomize()
     loader.before_iter()
-    loader._DataLoader__idxs = loader.get_idxs()  # in the main process, as fastai does
+    compat.set_epoch_order(loader, loader.get_idxs())  # in the main process, as fastai does
     non_blocking = loader.pin_memory or (loader.device is not None and torch.device(loader.device).type != "cpu")
     for b in _epoch_batches(loader):
         if loader.pin_memory and type(b) == list:  # pinning turns tuples into lists
@@ -491,17 +490,17 @@ def _epoch_batches(loader):
     dates from the epoch it was started in."""
     workers = loader.fake_l.num_workers > 0
     if not (workers and loader.fake_l.persistent_workers and multiprocessing.get_start_method() == "fork"):
-        return _fastai_loaders[not workers](loader.fake_l)  # (forked workers share `_epoch_state`'s memory)
-    idxs = torch.as_tensor(list(loader._DataLoader__idxs), dtype=torch.int64)
+        return compat.fastai_batches(loader.fake_l, workers)  # (forked workers share `_epoch_state`'s memory)
+    idxs = torch.as_tensor(list(compat.epoch_order(loader)), dtype=torch.int64)
     state = getattr(loader, "_epoch_state", None)
     if state is None or len(state) != len(idxs) + 1:
         loader._epoch_state = state = torch.zeros(len(idxs) + 1, dtype=torch.int64).share_memory_()
     state[0], state[1:] = _seed_holder(loader).epoch_seed, idxs
     it = getattr(loader, "_workers", None)
     if it is None:
-        loader._workers = it = _MultiProcessingDataLoaderIter(loader.fake_l)
+        loader._workers = it = compat.persistent_workers(loader.fake_l)
     else:
-        it._reset(loader.fake_l)  # as torch's DataLoader does for its persistent workers
+        compat.restart_workers(it, loader.fake_l)
     return it
 
 
@@ -510,7 +509,8 @@ def restore_epoch_in_worker(loader) -> None:
     wrote them to (a no-op in the main process and in fastai's own per-epoch workers)."""
     state = getattr(loader, "_epoch_state", None)
     if state is not None and torch.utils.data.get_worker_info() is not None:
-        loader._DataLoader__idxs, _seed_holder(loader).epoch_seed = state[1:].tolist(), int(state[0])
+        compat.set_epoch_order(loader, state[1:].tolist())
+        _seed_holder(loader).epoch_seed = int(state[0])
 
 
 def default_num_workers(device: torch.device | str | None = None) -> int:

@@ -23,8 +23,9 @@ import torch
 from .choices import FORMATS
 from .data import TINY_MEAN, TINY_STD
 from .model import resnet18
-from .layout import CONFIG, LEARNER, MODEL, MODEL_JSON, atomic_write, atomic_write_text
+from .layout import LEARNER, MODEL_JSON, atomic_write, atomic_write_text
 from .errors import RunError
+from .run_folder import read_config, read_model
 
 SUFFIX = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # the run-folder name of each format
 TOLERANCE = 1e-4  # max abs difference of the logits, fp32
@@ -32,16 +33,10 @@ TOLERANCE = 1e-4  # max abs difference of the logits, fp32
 
 def run_model(run_dir: Path | str) -> tuple[torch.nn.Module, dict]:
     """The run's best weights in a plain fp32 eval-mode ResNet18 on the CPU, and the run's config."""
-    run_dir = Path(run_dir)
-    try:
-        config = json.loads((run_dir / CONFIG).read_text())
-    except (OSError, ValueError):
-        raise RunError(f"{run_dir} is not a run folder (no readable config.json): pass a folder written by "
-                       f"`python main.py fit`") from None
-    if not (run_dir / MODEL).exists():
-        raise RunError(f"{run_dir} has no model.pth yet (did its first epoch finish?)")
+    config = read_config(run_dir)
+    weights = read_model(run_dir)
     model = resnet18(config["dataset"]["classes"], stem=config["args"]["stem"])
-    model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu"))
+    model.load_state_dict(weights)
     return model.float().eval(), config
 
 

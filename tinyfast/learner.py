@@ -23,6 +23,7 @@ from fastai.optimizer import Optimizer, average_grad, l2_reg, momentum_step, sgd
 from fastai.torch_core import to_float
 from torch import nn
 
+from . import compat
 from .choices import PRECISIONS
 from .model import resnet18
 
@@ -97,7 +98,7 @@ def top5(inp: torch.Tensor, targ: torch.Tensor) -> torch.Tensor:
 
 def cpu_has_native_bf16() -> bool:
     """bf16 autocast pays on a CPU only where the processor computes bf16 itself; emulated, it is slower."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return compat.cpu_has_native_bf16()
 
 
 NATIVE_BF16_CAPABILITY = (8, 0)  # Ampere: the first NVIDIA GPUs whose tensor cores compute bf16
@@ -262,7 +263,7 @@ class CompileModel(Callback):
 
     def after_fit(self):
         if self.compiled is not None:  # a compiled forward does not pickle (`learn.export`)
-            self.compiled._compiled_call_impl = None
+            compat.uncompile(self.compiled)
             self.compiled = None
 
 

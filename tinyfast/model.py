@@ -88,10 +88,6 @@ def resnet18(n_classes: int = 200, stem: str = "cifar", width: int = 64, zero_in
                   init=init)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def training_flops_per_image(model: nn.Module, size: int = 64) -> float:
     """Forward FLOPs x 3 (forward + backward), counted from the conv and linear layers: what a GPU's
     FLOP-bound limit in `bench train` is computed from."""

@@ -14,7 +14,6 @@ from typing import Iterator, TextIO
 from .errors import one_line
 from .layout import LOG
 
-LOG_NAME = LOG
 BAR = re.compile(r"\|[█\-]*\|\s*\d+(\.\d+)?%\s*\[")  # fastprogress's console bar: |███---| 40.00% [2/5 ...]
 
 
@@ -86,7 +85,7 @@ def run_log(folder: Path | str, header: str | None = None) -> Iterator[Path]:
     """Append what is printed to stdout and stderr inside the block to `folder`/log.txt (and still print it).
     `header` (the command, say) opens the entry with a timestamp. An exception that ends the block is logged as
     the one line the CLI prints for it. A log that cannot be written is a warning, never a failure."""
-    path = Path(folder) / LOG_NAME
+    path = Path(folder) / LOG
     log = _LogFile(path, sys.stderr)
     if header is not None:
         log.write(f"[{datetime.now().isoformat(timespec='seconds')}] {header}\n")

@@ -43,6 +43,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .dataset import ROOT_NAME
+
 __all__ = [
     "ROOT_NAME",
     "SHAPES",
@@ -59,7 +61,6 @@ __all__ = [
     "make_tiny_imagenet",
 ]
 
-ROOT_NAME = "tiny-imagenet-200"
 JPEG_QUALITY = 90
 
 # Shapes are drawn to fill the object's box.  The most dissimilar come first, so that the small

@@ -1,18 +1,12 @@
-"""A training run: `fit_one_cycle` or SGD + ReduceLROnPlateau, written to a self-describing run folder.
+"""A training run: `fit_one_cycle` or SGD + ReduceLROnPlateau, written to a self-describing run folder
+(`tinyfast.run_folder` owns what is in it; the callbacks that write it after every epoch are in
+`tinyfast.callbacks`; a `--budget` is planned by `tinyfast.budget`).
 
-RUN_DIR/ holds config.json (the exact command, every argument, versions, dataset), summary.txt, metrics.csv
-(a row per epoch), curves.png, schedule.png (the LR and momentum actually applied), model.pth (best weights),
-learner.pkl (`load_learner`-able), checkpoint.pth (to resume), and lr_find.* when `lr="auto"`.
-
-Everything that must survive a crash is written atomically (temporary file, then rename), and the randomness
-of an epoch (shuffle, augmentation) comes from the train DataLoader's `rng`, saved in the checkpoint, so a
-resumed run ends where the uninterrupted one would.
+The randomness of an epoch (shuffle, augmentation) comes from the train DataLoader's `rng`, saved in the
+checkpoint, so a resumed run ends where the uninterrupted one would.
 """
 from __future__ import annotations
 
-import csv
-from contextlib import contextmanager, nullcontext
-import hashlib
 import inspect
 import json
 import os
@@ -23,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -32,226 +27,28 @@ from typing import Iterator
 import numpy as np
 import torch
 import fastai.callback.hook  # noqa: F401  (patches Learner.summary)
-from fastai.callback.core import Callback
-from fastai.callback.tracker import ReduceLROnPlateau
 from fastai.learner import Learner
 from fastcore.xtras import ContextManagers
 from fastai.torch_core import set_seed
 
-from .budget import SIZES, BudgetTooSmall, TimeLeft, budget_size, format_seconds, parse_budget, plan_run
-from .callbacks import SYNC_EVERY, SmoothLossOnDevice, StopOnNaN
+from .budget import SIZES, BudgetTooSmall, budget_size, format_seconds, parse_budget, plan_run
+from .callbacks import (SYNC_EVERY, Plateau, RunLogger, SmoothLossOnDevice, StopOnNaN, TimeLeft,  # noqa: F401
+                        lever_callbacks, progressive_sizes, tracker_callbacks)
 from .choices import SCHEDULES, TRACKERS
 from .data import tiny_imagenet_dls
 from .doctor import check_device, versions
-from .errors import NonFiniteLoss, RunError, RunInterrupted
+from .errors import NonFiniteLoss, RunError, RunInterrupted, one_line
 from .distributed import (distributed_context, is_main_process, main_process_first, on_main,
                           setup_distributed, unwrap_model, world_size)
 from .learner import CompileModel, FastDevice, optimizer_state_to_params, tiny_learner
-from .layout import (CHECKPOINT, CONFIG, CURVES, INTERRUPTED, LEARNER, LR_FIND_PNG, METRICS, MODEL, SCHEDULE, SUMMARY,
-                     TTA, atomic_save, atomic_write, atomic_write_text, save_figure, write_failure)
+from .layout import CHECKPOINT, CONFIG, INTERRUPTED, LEARNER, LR_FIND_PNG, MODEL, SUMMARY, TTA, atomic_save, atomic_write, atomic_write_text
+from .run_folder import (METRIC_COLUMNS, dataset_info, latest_run, new_run_dir, read_checkpoint, read_config,  # noqa: F401
+                         read_metrics, read_model, update_config, write_config, write_plots)
 from .runlog import run_log
-
-# time and elapsed: wall seconds of the epoch and of the run so far, validation and checkpoints included;
-# train_seconds: of the training phase only (the first to the last training batch), what img/s and a
-# time-to-accuracy should be counted in, comparable with a benchmark's training loop
-METRIC_COLUMNS = ("epoch", "train_loss", "valid_loss", "accuracy", "top5", "time", "elapsed", "train_seconds")
-
-
-def read_metrics(run_dir: Path | str) -> list[dict]:
-    with open(Path(run_dir) / METRICS) as f:
-        return [{k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Callbacks
-# ---------------------------------------------------------------------------------------------------------
-class Plateau(ReduceLROnPlateau):
-    """fastai's ReduceLROnPlateau (acting on fastai's own SGD) whose `best` and `wait` survive a resume, and
-    which skips, as the RunLogger does, the epochs a resume skips (they have no metrics to track)."""
-
-    def __init__(self, *args, state: tuple | None = None, start_epoch: int = 0, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.state, self.start_epoch = state, start_epoch
-
-    def before_fit(self):
-        super().before_fit()
-        if self.state is not None:
-            self.best, self.wait = self.state
-
-    def after_epoch(self):
-        if self.epoch >= self.start_epoch:
-            super().after_epoch()
-
-
-class RunLogger(Callback):
-    """After every epoch: a metrics.csv row, model.pth when accuracy improves (the EMA weights in an EMA run),
-    and checkpoint.pth holding all a resume needs (model, optimizer, EMA, epoch, the train DataLoader's rng, the
-    rows and the LR/mom trace)."""
-    order = 70  # after Recorder (50) and the trackers (60-62)
-
-    def __init__(self, run_dir: Path, start: dict | None = None):
-        self.run_dir = Path(run_dir)
-        start = start or {}
-        self.rows: list[dict] = start.get("rows", [])
-        self.lrs: list[float] = start.get("lrs", [])
-        self.moms: list[float] = start.get("moms", [])
-        self.start_epoch: int = start.get("epoch", 0)
-        self.best = max((r["accuracy"] for r in self.rows), default=-1.0)
-        self.writes = is_main_process()  # every rank keeps the rows (metrics are gathered), rank 0 writes
-
-    @property
-    def best_epoch(self) -> int | None:
-        return max(self.rows, key=lambda r: r["accuracy"])["epoch"] if self.rows else None
-
-    def before_epoch(self):
-        self.t_epoch = time.perf_counter()
-
-    def before_train(self):
-        self.t_train = time.perf_counter()
-
-    def after_train(self):
-        if self.dls.device is not None and torch.device(self.dls.device).type == "cuda":
-            torch.cuda.synchronize()  # the queued kernels are training time too
-        self.train_seconds = time.perf_counter() - self.t_train
-
-    def after_batch(self):
-        if self.training and self.epoch >= self.start_epoch:
-            h = self.opt.hypers[-1]
-            self.lrs.append(float(h["lr"]))
-            self.moms.append(float(h.get("mom", 0.0)))
-
-    def after_epoch(self):
-        if self.epoch < self.start_epoch:  # skipped by fastai's SkipToEpoch on resume
-            return
-        train_loss, valid_loss, acc, top5 = (float(v) for v in self.recorder.values[-1][:4])
-        seconds = time.perf_counter() - self.t_epoch
-        elapsed = (self.rows[-1]["elapsed"] if self.rows else 0.0) + seconds
-        self.rows.append(dict(epoch=self.epoch + 1, train_loss=train_loss, valid_loss=valid_loss, accuracy=acc,
-                              top5=top5, time=round(seconds, 3), elapsed=round(elapsed, 3),
-                              train_seconds=round(self.train_seconds, 3)))
-        improved = acc > self.best
-        self.best = max(self.best, acc)
-        if not self.writes:
-            return
-        model, ema = unwrap_model(self.learn.model), getattr(self.learn, "ema", None)
-        fast = getattr(self.learn, "fast_device", None)
-        if improved:  # the weights that were validated: the EMA's when there is one
-            atomic_save(ema.averaged_state() if ema is not None else model.state_dict(), self.run_dir / MODEL)
-        self.write_metrics()
-        plateau = getattr(self.learn, "plateau", None)
-        atomic_save(dict(model=model.state_dict(), opt=self.learn.opt.state_dict(), epoch=self.epoch + 1,
-                         ema=ema.checkpoint_state() if ema is not None else None,
-                         dl_rng=self.dls.train.rng.getstate(), py_rng=random.getstate(), np_rng=np.random.get_state(),
-                         torch_rng=torch.get_rng_state(), rows=self.rows, lrs=self.lrs, moms=self.moms,
-                         lr=float(self.opt.hypers[-1]["lr"]),
-                         plateau=(plateau.best, plateau.wait) if plateau is not None else None,
-                         scaler=fast.scaler.state_dict() if fast is not None and fast.scaler is not None else None),
-                    self.run_dir / CHECKPOINT)
-
-    def write_metrics(self):
-        lines = [",".join(METRIC_COLUMNS)] + [",".join(str(r.get(c, "nan")) for c in METRIC_COLUMNS)  # older rows
-                                              for r in self.rows]
-        atomic_write_text(self.run_dir / METRICS, "\n".join(lines) + "\n")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Plots
-# ---------------------------------------------------------------------------------------------------------
-def plot_curves(rows: list[dict]):
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
-    ep = [r["epoch"] for r in rows]
-    ax1.plot(ep, [r["train_loss"] for r in rows], "o-", label="train loss")
-    ax1.plot(ep, [r["valid_loss"] for r in rows], "o-", label="valid loss")
-    ax1.set(xlabel="epoch", ylabel="loss", title="Loss")
-    ax2.plot(ep, [r["accuracy"] for r in rows], "o-", label="top-1")
-    ax2.plot(ep, [r["top5"] for r in rows], "o-", label="top-5")
-    ax2.set(xlabel="epoch", ylabel="val accuracy", title="Validation accuracy", ylim=(0, 1))
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-def plot_schedule(lrs: list[float], moms: list[float]):
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.2))
-    ax1.plot(lrs)
-    ax1.set(xlabel="training step", ylabel="learning rate", title="Learning rate applied")
-    ax2.plot(moms, color="C1")
-    ax2.set(xlabel="training step", ylabel="momentum", title="Momentum applied")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def write_plots(run_dir: Path, logger: RunLogger) -> None:
-    if logger.rows:
-        save_figure(plot_curves(logger.rows), run_dir / CURVES, dpi=100)
-    if logger.lrs:
-        save_figure(plot_schedule(logger.lrs, logger.moms), run_dir / SCHEDULE, dpi=100)
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
-def dataset_info(dls) -> dict:
-    vocab = list(dls.vocab)
-    return {"root": str(Path(dls.root).resolve()), "classes": len(vocab), "n_train": len(dls.train_ds),
-            "n_valid": len(dls.valid_ds), "wnids_sha1": hashlib.sha1("\n".join(vocab).encode()).hexdigest()}
-
-
-CLAIM = ".claimed"  # created with O_EXCL in a new run folder: of two runs started on one --out, one gets it
-
-
-def new_run_dir(out: Path | str | None) -> Path:
-    """`runs/<timestamp>` by default; an existing, non-empty folder is never overwritten, and of two runs started
-    at the same moment on one folder exactly one claims it (an exclusive create of `CLAIM`), the other refuses."""
-    run_dir = Path(out) if out is not None else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    taken = RunError(f"{run_dir} already exists and is not empty: choose another --out, or add --resume to continue it")
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise taken
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(run_dir / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        raise RunError(f"{run_dir} was just claimed by another run started at the same moment: choose another "
-                       f"--out") from None
-    except OSError as e:  # a read-only --out, a full disk, someone else's folder
-        raise write_failure(run_dir, e) from None
-    return run_dir
-
-
-CHECKPOINT_KEYS = ("model", "opt", "epoch", "dl_rng", "py_rng", "np_rng", "torch_rng", "rows", "lrs", "moms", "lr")
-
-
-def read_checkpoint(run_dir: Path) -> dict:
-    """checkpoint.pth, or a one-line RunError saying what is wrong, what is still intact and what to do. Reading
-    changes nothing in the folder."""
-    path = run_dir / CHECKPOINT
-    try:
-        start = torch.load(path, weights_only=False, map_location="cpu")
-        missing = [k for k in CHECKPOINT_KEYS if k not in start] if isinstance(start, dict) else ["all"]
-        if missing:
-            raise ValueError(f"it lacks {', '.join(missing)}")
-    except Exception as e:
-        intact = []
-        if (run_dir / MODEL).exists():
-            intact.append("model.pth (the best weights)")
-        try:
-            intact.append(f"metrics.csv ({len(read_metrics(run_dir))} epochs)")
-        except Exception:
-            pass
-        raise RunError(f"cannot resume: {path} is unreadable or incomplete ({e.__class__.__name__}: "
-                       f"{str(e).splitlines()[0][:120] if str(e) else 'no detail'}); nothing in {run_dir} was changed"
-                       + (f", and {' and '.join(intact)} {'are' if len(intact) > 1 else 'is'} intact"
-                          f" (`python main.py evaluate {run_dir}` works)" if intact else "")
-                       + "; start again with a new --out") from None
-    return start
-
-
 # On --resume, what may differ from the saved run: where the data is and how it is loaded, and the scoring
 # after training. A plateau run may also change its length (it has no schedule to stretch); a one-cycle run may
 # not. Anything else would make the run something other than what its folder says it is: refused.
@@ -276,13 +73,6 @@ def resume_changes(saved: dict, requested: dict, done_epochs: int) -> dict:
                        f"{'them' if len(refused) > 1 else 'it'}, or start a new run with another --out (a resume may "
                        f"change only --data, --num-workers, --tta, and --epochs of a plateau run)")
     return apply
-
-
-def latest_run(runs: Path = Path("runs")) -> Path:
-    found = sorted((p.parent for p in runs.glob("*/checkpoint.pth")), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise RunError(f"no run with a checkpoint under {runs}/: pass --out RUN_DIR with --resume")
-    return found[-1]
 
 
 NOT_RUN_ARGS = ("command", "cbs", "quiet", "resume", "out", "changed")  # of fit: not saved in config.json
@@ -383,21 +173,21 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
             _cleanup(learn)
             if main:
                 atomic_save(unwrap_model(learn.model).state_dict(), run_dir / INTERRUPTED)
-                write_plots(run_dir, logger)
+                write_plots(run_dir, logger.rows, logger.lrs, logger.moms)
             done = logger.rows[-1]["epoch"] if logger.rows else 0
             raise RunInterrupted(f"interrupted during epoch {done + 1}; checkpoint after epoch {done} is in {run_dir}: "
                                  f"continue with `python main.py fit --out {run_dir} --resume`") from None
         except NonFiniteLoss:
             _cleanup(learn)
             if main:
-                write_plots(run_dir, logger)
+                write_plots(run_dir, logger.rows, logger.lrs, logger.moms)
             raise
         seconds = time.perf_counter() - t0
         if (run_dir / MODEL).exists():  # complete on every rank: distributed_context waits for rank 0
-            learn.model.load_state_dict(torch.load(run_dir / MODEL, map_location="cpu"))  # saved on rank 0's GPU
+            learn.model.load_state_dict(read_model(run_dir))
         tta_scores = _score_with_tta(learn, run_dir, logger.best, quiet) if run.tta else None
         if main:
-            write_plots(run_dir, logger)
+            write_plots(run_dir, logger.rows, logger.lrs, logger.moms)
             atomic_write(run_dir / LEARNER, learn.export)  # fastai's export writes to learn.path / the name given
             if run.budget is not None:
                 _record_budget_outcome(run_dir, run, start, called)
@@ -446,10 +236,10 @@ def _resume(out: Path | str | None, args: dict, changed: set[str] | None,
     if not (run_dir / CHECKPOINT).exists():
         raise RunError(f"{run_dir} has no checkpoint.pth to resume from")
     try:
-        config = json.loads((run_dir / CONFIG).read_text())
+        config = read_config(run_dir)
         saved = config["args"]
-    except (OSError, ValueError, KeyError) as e:
-        raise RunError(f"cannot resume: {run_dir / CONFIG} is unreadable ({e.__class__.__name__}); "
+    except (RunError, KeyError) as e:
+        raise RunError(f"cannot resume: {run_dir / CONFIG} is unreadable ({one_line(e) or 'no args'}); "
                        f"nothing in {run_dir} was changed") from None
     start = read_checkpoint(run_dir)
     requested = {k: v for k, v in args.items()
@@ -459,7 +249,7 @@ def _resume(out: Path | str | None, args: dict, changed: set[str] | None,
     if applied and {k for k in applied if k != "data"}:
         config["args"] = args
         config.setdefault("resumed", []).append({"after_epoch": start["epoch"], "changed": applied, "command": command})
-        on_main(atomic_write_text, run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+        on_main(write_config, run_dir, config)
         return run_dir, args, start, "resuming with " + ", ".join(f"{k}={v} (saved: {saved.get(k)})"
                                                                   for k, v in applied.items())
     return run_dir, args, start, None
@@ -479,7 +269,7 @@ def _start_run(learn: Learner, run_dir: Path, run: SimpleNamespace, command: str
     config = {"command": command, "args": args, "versions": versions(), "device": str(learn.dls.device),
               "processes": processes, "dataset": dataset_info(learn.dls),
               "started": datetime.now().isoformat(timespec="seconds")}
-    atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+    write_config(run_dir, config)
     if run.lr != "auto":
         return None
     from .lr_range import lr_range_test
@@ -487,7 +277,7 @@ def _start_run(learn: Learner, run_dir: Path, run: SimpleNamespace, command: str
     result = lr_range_test(learn, mode=run.lr_mode, num_it=run.lr_num_it, val_batches=run.lr_val_batches)
     write_lr_range(result, run_dir)
     config["args"]["lr_picked"] = result.suggested_lr
-    atomic_write_text(run_dir / CONFIG, json.dumps(config, indent=2) + "\n")
+    write_config(run_dir, config)
     print(f"lr auto: {result.suggested_lr:.3g} ({result.reason}); curve in {run_dir / LR_FIND_PNG}")
     return result.suggested_lr
 
@@ -499,9 +289,12 @@ def _apply_budget(learn: Learner, run: SimpleNamespace, run_dir: Path, start: di
     deadline (wall clock) the budget sets."""
     budget_s = parse_budget(run.budget)
     if start is None:
-        plan = on_main(plan_run, learn, run, time.time() - called, float(run.lr_picked or run.lr), budget_s)
+        cost = None
+        if run.progressive:  # the first epochs are at smaller sizes: cheaper
+            cost = lambda n: [(s / run.size) ** 2 for s in progressive_sizes(run.size, n, run.progressive)]  # noqa: E731
+        plan = on_main(plan_run, learn, run.size, time.time() - called, float(run.lr_picked or run.lr), budget_s, cost)
         run.epochs, run.budget_plan = plan.n_epoch, plan.as_dict()
-        on_main(_update_config, run_dir, args=dict(vars(run)))
+        on_main(update_config, run_dir, args=dict(vars(run)))
         if is_main_process():
             print(plan.line(str(run.budget)))
         used = 0.0
@@ -525,17 +318,12 @@ def _no_folder_if_budget_too_small(run_dir: Path, new: bool) -> Iterator[None]:
         raise
 
 
-def _update_config(run_dir: Path, **changes) -> None:
-    config = json.loads((run_dir / CONFIG).read_text())
-    atomic_write_text(run_dir / CONFIG, json.dumps({**config, **changes}, indent=2) + "\n")
-
-
 def _record_budget_outcome(run_dir: Path, run: SimpleNamespace, start: dict | None, called: float) -> None:
     """config.json's "budget": the plan's budget, and the wall time the run took (all its sessions)."""
     before = 0.0 if start is None else run.budget_plan["spent_s"] + (start["rows"][-1]["elapsed"] if start["rows"] else 0.0)
     wall = before + time.time() - called
     budget_s = parse_budget(run.budget)
-    _update_config(run_dir, budget={"budget_s": budget_s, "wall_s": round(wall, 1),
+    update_config(run_dir, budget={"budget_s": budget_s, "wall_s": round(wall, 1),
                                     "share_of_budget": round(wall / budget_s, 4), "plan": run.budget_plan})
 
 
@@ -576,59 +364,6 @@ def _check_tracker(log: str) -> None:
                        f"without it, with --log csv)")
 
 
-def tracker_callbacks(args: dict, run_dir: Path, start: dict | None = None, quiet: bool = False) -> list:
-    """fastai's TensorBoardCallback or WandbCallback, writing into the run folder (rank 0 only, as fastai's own)."""
-    log, start_epoch = args.get("log", "csv"), (start or {}).get("epoch", 0)
-    if log == "tensorboard":
-        from fastai.callback.tensorboard import TensorBoardCallback
-
-        class TensorBoard(TensorBoardCallback):  # a resume skips epochs that have no metrics to write
-            def after_epoch(self):
-                if self.epoch >= start_epoch:
-                    super().after_epoch()
-
-        # the model graph and the prediction images are left out: tracing runs a batch, images need show_results
-        return [TensorBoard(log_dir=run_dir / "tensorboard", trace_model=False, log_preds=False)]
-    if log == "wandb" and is_main_process():
-        import wandb
-        from fastai.callback.wandb import WandbCallback
-        if wandb.run is None:
-            wandb.init(project="tinyfast", dir=str(run_dir), config=args, mode=os.environ.get("WANDB_MODE", "offline"),
-                       name=run_dir.name, settings=wandb.Settings(silent=quiet))
-
-        class Wandb(WandbCallback):
-            def before_fit(self):
-                # fastai logs the learner's init args as the config, and its walk fails on a Path (slotted:
-                # "vars() argument must have __dict__") inside the datasets; the run's own args went to wandb.init
-                self.learn.gather_args = dict
-                try:
-                    super().before_fit()
-                finally:
-                    del self.learn.gather_args
-
-            def after_epoch(self):  # a resume skips epochs that have no metrics to log
-                if self.epoch >= start_epoch:
-                    super().after_epoch()
-
-        return [Wandb(log_preds=False, log_model=False)]
-    return []
-
-
-def lever_callbacks(args: dict, start: dict | None = None) -> list:
-    """The callbacks of the levers `args` turns on (EMA, mixup or cutmix, progressive resizing)."""
-    from .callbacks import EMA, CutMixOnDevice, MixUpOnDevice, ProgressiveResize, progressive_sizes
-    cbs = []
-    if args.get("ema"):
-        cbs.append(EMA(args["ema"], state=(start or {}).get("ema")))
-    if args.get("mixup"):
-        cbs.append(MixUpOnDevice(args["mixup"]))
-    if args.get("cutmix"):
-        cbs.append(CutMixOnDevice(args["cutmix"]))
-    if args.get("progressive"):
-        cbs.append(ProgressiveResize(progressive_sizes(args["size"], args["epochs"], args["progressive"])))
-    return cbs
-
-
 def tta_accuracy(learn: Learner) -> dict:
     """Top-1 and top-5 of fastai's `tta` on the validation set: the mean of 4 augmented passes (the
     training split's transforms), blended with the plain pass (beta 0.25)."""
@@ -667,18 +402,13 @@ def load_run(run_dir: Path | str, data: Path | str | None = None, bs: int | None
              precision: str | None = None, num_workers: int | None = None) -> Learner:
     """A run folder back as a Learner (its best weights, its data settings, val set unaugmented order)."""
     run_dir = Path(run_dir)
-    cfg_file = run_dir / CONFIG
-    if not cfg_file.exists():
-        raise RunError(f"{run_dir} is not a run folder (no config.json): pass a folder written by `python main.py fit`")
-    weights = run_dir / MODEL
-    if not weights.exists():
-        raise RunError(f"{run_dir} has no model.pth yet (did its first epoch finish?)")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = read_config(run_dir)
+    weights = read_model(run_dir)
     run = SimpleNamespace(**{**RUN_DEFAULTS, **cfg["args"]})
     dls = tiny_imagenet_dls(data or run.data or cfg["dataset"]["root"], bs=bs or run.bs, size=run.size,
                             num_workers=num_workers if num_workers is not None else run.num_workers,
                             aug=None if run.aug else False, classes=run.classes, train_per_class=run.train_per_class)
     learn = tiny_learner(dls, stem=run.stem, label_smoothing=run.label_smoothing, precision=precision or run.precision)
-    learn.model.load_state_dict(torch.load(weights, map_location="cpu"))
+    learn.model.load_state_dict(weights)
     learn.path, learn.model_dir = run_dir, "."
     return learn

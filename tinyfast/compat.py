@@ -1,0 +1,68 @@
+"""Every private name of fastai, torch and pytorch-grad-cam that tinyfast uses, in one place, each with why and the
+version it was checked against. tests/test_compat.py checks each one against the installed libraries, so that an
+upgrade that changes one fails there, by name, instead of somewhere inside a training run.
+
+Checked against fastai 2.8.12, torch 2.14.1 and grad-cam 1.5.7 (`CHECKED`).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from types import SimpleNamespace
+from typing import Iterator
+
+import torch
+
+CHECKED = {"fastai": "2.8.12", "torch": "2.14.1", "grad-cam": "1.5.7"}
+
+
+# fastai's DataLoader keeps an epoch's order in the name-mangled `__idxs`: set in the main process by `__iter__`
+# (from `get_idxs`), read by `sample` in each worker. tinyfast's loader sets it the same way, and tells persistent
+# workers the next epoch's order through it.
+def set_epoch_order(loader, idxs) -> None:
+    loader._DataLoader__idxs = idxs
+
+
+def epoch_order(loader):
+    return loader._DataLoader__idxs
+
+
+def fastai_batches(fake_loader, workers: bool):
+    """fastai's own choice of iterator over its `_FakeLoader`: torch's single-process or multi-process one."""
+    from fastai.data.load import _loaders
+    return _loaders[not workers](fake_loader)
+
+
+def persistent_workers(fake_loader):
+    """torch's multi-process iterator, kept by the loader from epoch to epoch (fastai makes a new one each epoch)."""
+    from torch.utils.data.dataloader import _MultiProcessingDataLoaderIter
+    return _MultiProcessingDataLoaderIter(fake_loader)
+
+
+def restart_workers(iterator, fake_loader) -> None:
+    """The next epoch on the same worker processes, as torch's DataLoader does for `persistent_workers`."""
+    iterator._reset(fake_loader)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 itself (AVX512-BF16 or AMX): torch's own test, private in torch.cpu."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def uncompile(module: torch.nn.Module) -> None:
+    """Drop the compiled forward `nn.Module.compile` installed (it does not pickle: `learn.export`)."""
+    module._compiled_call_impl = None
+
+
+@contextmanager
+def quiet_scorecam() -> Iterator[None]:
+    """pytorch-grad-cam's Score-CAM draws a tqdm bar per image, to stderr, with no switch to turn it off: its
+    module's `tqdm` is swapped for a silent one while the block runs."""
+    import tqdm
+    from pytorch_grad_cam import score_cam
+    saved = score_cam.tqdm
+    score_cam.tqdm = SimpleNamespace(tqdm=partial(tqdm.tqdm, disable=True))
+    try:
+        yield
+    finally:
+        score_cam.tqdm = saved
