@@ -26,6 +26,19 @@ needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="this torch build has no gloo backend: no multi-process training on CPUs")
 
 
+def torchrun(driver: Path, args: list, cwd: Path, timeout: int, env: dict | None = None):
+    """`torchrun --nproc_per_node N_PROC driver args...` on CPU processes; a test failure if a rank is still
+    waiting for the other after `timeout` seconds."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", **(env or {}),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={N_PROC}",
+           str(driver), *map(str, args)]
+    try:
+        return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun did not finish in {timeout} s (a rank waiting for the other?):\n{(e.stdout or '')[-3000:]}")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One launch: torchrun, 2 processes, tinyfast.train.fit in each
 # ---------------------------------------------------------------------------------------------------------
@@ -38,14 +51,8 @@ def launch(tiny_root, tmp_path_factory):
     work.mkdir()
     reports.mkdir()
     # as `accelerate launch --mixed_precision fp16` would set it: fit's precision must win (no autocast from accelerate)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "ACCELERATE_MIXED_PRECISION": "fp16",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={N_PROC}",
-           str(DRIVER), str(tiny_root), str(work / "run"), str(reports)]
-    try:
-        proc = subprocess.run(cmd, cwd=base, env=env, capture_output=True, text=True, timeout=300)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun did not finish in 300 s (a rank waiting for the other?):\n{(e.stdout or '')[-3000:]}")
+    proc = torchrun(DRIVER, [tiny_root, work / "run", reports], base, timeout=300,
+                    env={"ACCELERATE_MIXED_PRECISION": "fp16"})
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"torchrun exited {proc.returncode}:\n{output[-6000:]}"
     ranks = [json.loads((reports / f"rank{r}.json").read_text()) for r in range(N_PROC)]
@@ -180,14 +187,7 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_batch(tiny_root, tmp_pat
     """Rank 1's loss turns NaN in the last batch of epoch 1, after which rank 0's loss is still finite: the verdict is
     shared at the check (an all-reduce), so both stop with the same message. Without it, rank 1 alone raises and
     rank 0 waits for it in validation until the launcher or the process group's timeout kills it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={N_PROC}",
-           str(NAN_DRIVER), str(tiny_root), str(tmp_path / "run"), str(tmp_path)]
-    try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"the ranks did not stop within 240 s:\n{(e.stdout or '')[-3000:]}")
+    proc = torchrun(NAN_DRIVER, [tiny_root, tmp_path / "run", tmp_path], tmp_path, timeout=240)
     reports = [tmp_path / f"nan_rank{r}.json" for r in range(N_PROC)]
     assert all(p.exists() for p in reports), (proc.stdout + proc.stderr)[-4000:]
     messages = [json.loads(p.read_text())["error"] for p in reports]

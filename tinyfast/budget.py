@@ -23,6 +23,7 @@ import math
 import random
 import re
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -160,7 +161,7 @@ def probe_step_s(model: torch.nn.Module, bs: int, size: int, dtype: torch.dtype 
     y = torch.randint(0, 2, (bs,), device=device)
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else (lambda: torch.autocast("cpu", enabled=False))
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     model.to(device=device, memory_format=torch.channels_last)
 
     def step():
@@ -271,8 +272,7 @@ def budget_size(run, spent_s: float) -> int:
     train = {s: step_s[s] * train_batches for s in SIZES}
     valid = {s: forward_s[s] * valid_batches for s in SIZES}
     smallest = min(SIZES)  # not even one epoch there: said now, before the cache is built
-    plan_epochs(budget_s, spent_s, Timing(train[smallest] / train_batches, valid[smallest] / valid_batches,
-                                          train_batches, valid_batches), smallest)
+    plan_epochs(budget_s, spent_s, Timing(step_s[smallest], forward_s[smallest], train_batches, valid_batches), smallest)
     return choose_size(train, valid, budget_s - spent_s - reserve_for(budget_s))
 
 

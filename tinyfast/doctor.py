@@ -111,8 +111,9 @@ def doctor(data: Path | str | None = None, device: torch.device | None = None) -
     distributed = [f"{k}={os.environ[k]}" for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK") if k in os.environ]
     if distributed:
         facts["launch"] = " ".join(distributed)
-    facts["versions"] = ", ".join(f"{k} {v}" for k, v in versions().items() if k != "platform")
-    facts["platform"] = versions()["platform"]
+    found = versions()
+    facts["versions"] = ", ".join(f"{k} {v}" for k, v in found.items() if k != "platform")
+    facts["platform"] = found["platform"]
     return facts
 
 

@@ -299,12 +299,17 @@ def _apply_budget(learn: Learner, run: SimpleNamespace, run_dir: Path, start: di
             print(plan.line(str(run.budget)))
         used = 0.0
     else:  # what the budget already paid for: set-up, and the epochs done
-        used = run.budget_plan["spent_s"] + (start["rows"][-1]["elapsed"] if start["rows"] else 0.0)
+        used = _budget_used_before(run, start)
         if is_main_process() and not quiet:
             print(f"budget {run.budget}: ~{format_seconds(budget_s - used)} left; the plan goes on "
                   f"({run.epochs} epochs of {run.budget_plan['epoch_share']:.0%} of the training set)")
     learn.dls.train.epoch_share = run.budget_plan["epoch_share"]
     return called + budget_s - used
+
+
+def _budget_used_before(run: SimpleNamespace, start: dict) -> float:
+    """What a resumed budget run had spent in its earlier sessions: its set-up, and the epochs done."""
+    return run.budget_plan["spent_s"] + (start["rows"][-1]["elapsed"] if start["rows"] else 0.0)
 
 
 @contextmanager
@@ -320,8 +325,7 @@ def _no_folder_if_budget_too_small(run_dir: Path, new: bool) -> Iterator[None]:
 
 def _record_budget_outcome(run_dir: Path, run: SimpleNamespace, start: dict | None, called: float) -> None:
     """config.json's "budget": the plan's budget, and the wall time the run took (all its sessions)."""
-    before = 0.0 if start is None else run.budget_plan["spent_s"] + (start["rows"][-1]["elapsed"] if start["rows"] else 0.0)
-    wall = before + time.time() - called
+    wall = (0.0 if start is None else _budget_used_before(run, start)) + time.time() - called
     budget_s = parse_budget(run.budget)
     update_config(run_dir, budget={"budget_s": budget_s, "wall_s": round(wall, 1),
                                     "share_of_budget": round(wall / budget_s, 4), "plan": run.budget_plan})
