@@ -80,6 +80,18 @@ def test_the_console_script_is_the_cli(tmp_path):
     assert out.returncode == 0 and "--epochs" in out.stdout and "Usage: tinyfast fit" in out.stdout, out.stderr
 
 
+def test_a_relative_out_and_the_default_runs_folder_complete(tiny_root, tmp_path, monkeypatch):
+    """fastai's `export` joins its name to `learn.path`: a relative run folder must not be joined twice (it was,
+    once, and every run without an absolute --out failed at its last step)."""
+    monkeypatch.chdir(tmp_path)
+    given = fit(tiny_root, epochs=1, lr=0.05, out="relative/run", **SMALL)
+    default = fit(tiny_root, epochs=1, lr=0.05, **SMALL)
+    assert given.run_dir == Path("relative/run") and default.run_dir.parent == Path("runs")
+    for run_dir in (given.run_dir, default.run_dir):
+        assert (tmp_path / run_dir / "learner.pkl").stat().st_size > 0
+        assert not list((tmp_path / run_dir).glob("*.tmp"))
+
+
 def test_existing_run_folder_is_never_overwritten(run, tiny_root):
     before = (run.run_dir / "metrics.csv").read_text()
     with pytest.raises(RunError, match="already exists"):

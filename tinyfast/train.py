@@ -188,7 +188,8 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         tta_scores = _score_with_tta(learn, run_dir, logger.best, quiet) if run.tta else None
         if main:
             write_plots(run_dir, logger.rows, logger.lrs, logger.moms)
-            atomic_write(run_dir / LEARNER, learn.export)  # fastai's export writes to learn.path / the name given
+            # fastai's export writes to learn.path / the name given: absolute, or a relative --out is joined twice
+            atomic_write(run_dir / LEARNER, lambda tmp: learn.export(Path(tmp).absolute()))
             if run.budget is not None:
                 _record_budget_outcome(run_dir, run, start, called)
             if run.log == "wandb":
