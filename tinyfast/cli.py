@@ -47,7 +47,7 @@ RANGES = {
     "end_lr": "(0, inf)", "ema": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "progressive": "[0, inf)",
     "top_losses": "[1, inf)", "pairs": "[1, inf)", "n": "[1, inf)", "limit": "[1, inf)", "topk": "[1, inf)",
     "at": "(0, 1]", "passes": "[1, inf)", "steps": "[1, inf)", "warmup": "[0, inf)", "batch": "[1, inf)",
-    "lr_val_batches": "[1, inf)", "val_batches": "[1, inf)",
+    "lr_val_batches": "[1, inf)", "val_batches": "[1, inf)", "port": "[1, 65535]",
 }
 
 
@@ -360,6 +360,25 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder written by fi
     if cam:
         for path in run_safely(save_cam_overlays, learn, images):
             typer.echo(f"cam: {path}")
+
+
+@app.command("app")
+def app_cmd(run_dir: Path = typer.Argument(..., help="a run folder written by fit"),
+            host: str = typer.Option("127.0.0.1", help="the address to listen on (0.0.0.0: every interface)"),
+            port: int = typer.Option(7860, help="the port to listen on"),
+            share: bool = typer.Option(False, help="also a public link through gradio's share servers"),
+            data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
+            precision: Optional[Precision] = typer.Option(None, help="[default: the run's]")):
+    """A web page over a run: upload or pick an image for its top-5 classes and Grad-CAM; browse the top losses
+    and the most confused pairs. Needs the extra: pip install 'tinyfast[app]'."""
+    check_ranges(locals())
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        fail("the app needs gradio, which is not installed: pip install 'tinyfast[app]' (or pip install gradio)")
+    from tinyfast.app import serve
+    run_safely(serve, run_dir, host=host, port=port, share=share, data=data,
+               precision=precision.value if precision else None)
 
 
 @app.command()

@@ -19,7 +19,7 @@ from fastai.learner import Learner
 from .cam import cam_class, cam_overlay, compute_cams, resolve_layer
 from .data import check_images, class_names, load_rgb
 
-__all__ = ["predict_images", "save_cam_overlays", "model_inputs", "inputs_and_probs"]
+__all__ = ["predict_images", "cam_overlays", "save_cam_overlays", "model_inputs", "inputs_and_probs"]
 
 
 def model_inputs(learn: Learner, paths: Sequence[Path], bs: int = 64) -> torch.Tensor:
@@ -47,22 +47,29 @@ def predict_images(learn: Learner, paths: Sequence[Path | str] | Path | str, top
             for p, vs, ix in zip(paths, values, idx)]
 
 
-def save_cam_overlays(learn: Learner, paths: Sequence[Path | str] | Path | str, method: str = "gradcam",
-                      layer: str | None = None) -> list[Path]:
-    """Save `<image stem>_cam.png` next to each image: the CAM of its top-1 class over the image itself
-    (the CAM is computed on the squished model input and stretched back to the image's own shape; small
-    images enlarged to >= 256 px, big ones shrunk to <= 1024 px), captioned with the prediction.
-    Returns the files written, in the order of `paths`."""
+def cam_overlays(learn: Learner, paths: Sequence[Path | str] | Path | str, method: str = "gradcam",
+                 layer: str | None = None) -> list[tuple[np.ndarray, int, float]]:
+    """For each image, (overlay, class, probability): the CAM of its top-1 class over the image itself (the
+    CAM is computed on the squished model input and stretched back to the image's own shape; small images
+    enlarged to >= 256 px, big ones shrunk to <= 1024 px)."""
     cam_class(method)  # a bad method or layer fails before any model work
     resolve_layer(learn.model, layer)
     paths = check_images(paths)
-    names = class_names(learn.dls)
     x, probs = inputs_and_probs(learn, paths)
     top = probs.argmax(1).numpy()
     cams = compute_cams(learn, x, targets=top, method=method, layer=layer)
+    return [(cam_overlay(load_rgb(path), cam), int(k), float(p[k])) for path, cam, k, p in zip(paths, cams, top, probs)]
+
+
+def save_cam_overlays(learn: Learner, paths: Sequence[Path | str] | Path | str, method: str = "gradcam",
+                      layer: str | None = None) -> list[Path]:
+    """Save `<image stem>_cam.png` next to each image: its `cam_overlays` picture, captioned with the
+    prediction. Returns the files written, in the order of `paths`."""
+    paths = check_images(paths)
+    names = class_names(learn.dls)
     written = []
-    for path, cam, k, p in zip(paths, cams, top, probs):
-        overlay = _caption(cam_overlay(load_rgb(path), cam), f"{names[k]} ({float(p[k]):.2f}), {method}")
+    for path, (overlay, k, p) in zip(paths, cam_overlays(learn, paths, method, layer)):
+        overlay = _caption(overlay, f"{names[k]} ({p:.2f}), {method}")
         out = path.with_name(f"{path.stem}_cam.png")
         if not cv2.imwrite(str(out), cv2.cvtColor(overlay, cv2.COLOR_RGB2BGR)):
             raise OSError(f"could not write {out}")
