@@ -71,13 +71,11 @@ def tinyfast_fit(root: Path | str, epochs: int = 8, lr: float | str = 0.1, bs: i
                             train_per_class=train_per_class)
     learn = tiny_learner(dls, resnet18(dls.c, **model_kwargs), **learner_kwargs)
     if lr == "auto":  # as `fit --lr auto` does it, with fit's defaults
-        import inspect
+        from tinyfast.config import RunConfig
         from tinyfast.lr_range import lr_range_test
-        from tinyfast.train import fit
-        d = {k: p.default for k, p in inspect.signature(fit).parameters.items()}
+        d = RunConfig()
         with learn.no_bar():  # the sweep's bars would fill a benchmark's log
-            lr = lr_range_test(learn, mode=d["lr_mode"], num_it=d["lr_num_it"],
-                               val_batches=d["lr_val_batches"]).suggested_lr
+            lr = lr_range_test(learn, mode=d.lr_mode, num_it=d.lr_num_it, val_batches=d.lr_val_batches).suggested_lr
     from fastai.callback.core import Callback
 
     class TrainClock(Callback):  # training seconds only, as the classic loop counts them

@@ -137,15 +137,24 @@ def test_the_cli_choices_are_the_packages():
     from it, and importing the CLI imports no torch (`--help` is instant)."""
     import subprocess
     import sys
-    from tinyfast import choices, export, learner, lr_range, model, train
+    import inspect
+    from tinyfast import choices, export, learner, lr_range, model
     from tinyfast.cam import CAM_METHODS
-    from tinyfast.cli import ExportFormat, Mode, Precision, Schedule, Stem, Tracker
-    assert train.SCHEDULES is choices.SCHEDULES and train.TRACKERS is choices.TRACKERS
+    from tinyfast.cli import ExportFormat, Mode, Precision, Stem, fit_cmd
+    from tinyfast.config import RunConfig
+    option_choices = {f.name: f.metadata["choices"] for f in RunConfig.options()}
+    assert option_choices["schedule"] is choices.SCHEDULES and option_choices["log"] is choices.TRACKERS
+    assert option_choices["precision"] is choices.PRECISIONS and option_choices["stem"] is choices.STEMS
+    assert option_choices["lr_mode"] is choices.MODES
     assert learner.PRECISIONS is choices.PRECISIONS and model.STEMS is choices.STEMS
     assert lr_range.MODES is choices.MODES and export.FORMATS is choices.FORMATS
     assert tuple(CAM_METHODS) == choices.CAM_METHOD_NAMES
-    for enum, values in [(Schedule, choices.SCHEDULES), (Precision, choices.PRECISIONS), (Stem, choices.STEMS),
-                         (Mode, choices.MODES), (Tracker, choices.TRACKERS), (ExportFormat, choices.FORMATS)]:
+    fit_params = inspect.signature(fit_cmd).parameters
+    for name, values in option_choices.items():
+        if values:
+            assert tuple(e.value for e in fit_params[name].annotation) == values, name
+    for enum, values in [(Precision, choices.PRECISIONS), (Stem, choices.STEMS), (Mode, choices.MODES),
+                         (ExportFormat, choices.FORMATS)]:
         assert tuple(e.value for e in enum) == values, enum
     probe = "import sys, tinyfast.cli; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "False\n"

@@ -340,8 +340,8 @@ def test_held_out_batches_are_the_same_images_every_time(dls, tmp_path):
 def test_find_lr_and_fit_lr_auto_share_their_defaults():
     """`find-lr` shows the pick `fit --lr auto` would make: the same test, the same held-out batch count."""
     import inspect
-    from tinyfast.train import fit
-    f, g = inspect.signature(find_lr).parameters, inspect.signature(fit).parameters
-    assert f["mode"].default == g["lr_mode"].default == "smith"
-    assert f["val_batches"].default == g["lr_val_batches"].default
-    assert f["num_it"].default == g["lr_num_it"].default
+    from tinyfast.config import RunConfig
+    f, g = inspect.signature(find_lr).parameters, RunConfig()
+    assert f["mode"].default == g.lr_mode == "smith"
+    assert f["val_batches"].default == g.lr_val_batches
+    assert f["num_it"].default == g.lr_num_it

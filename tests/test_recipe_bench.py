@@ -106,10 +106,8 @@ def test_tinyfast_auto_is_fits_range_test_and_quiet(tiny_root, capsys, monkeypat
     """`--lr auto` in the benchmark is the range test `fit --lr auto` runs, with fit's defaults, and its pick is
     the LR trained at; the range test's bars stay out of the benchmark's log. (The sweep is cut to 8 steps: the
     mechanics, not the pick, are under test.)"""
-    import inspect
-
     import tinyfast.lr_range
-    from tinyfast.train import fit
+    from tinyfast.config import RunConfig
 
     calls, real = [], tinyfast.lr_range.lr_range_test
 
@@ -122,6 +120,6 @@ def test_tinyfast_auto_is_fits_range_test_and_quiet(tiny_root, capsys, monkeypat
     monkeypatch.setattr(tinyfast.lr_range, "lr_range_test", short)
     rows, used, _, _ = recipe.tinyfast_fit(tiny_root, epochs=1, lr="auto", bs=16, size=16, seed=3)
     assert "Epoch" not in capsys.readouterr().out
-    d = {k: p.default for k, p in inspect.signature(fit).parameters.items()}
-    assert calls[0] == {"mode": d["lr_mode"], "num_it": d["lr_num_it"], "val_batches": d["lr_val_batches"]}
+    d = RunConfig()
+    assert calls[0] == {"mode": d.lr_mode, "num_it": d.lr_num_it, "val_batches": d.lr_val_batches}
     assert used == calls[1] and len(rows) == 1

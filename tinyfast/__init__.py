@@ -1,7 +1,8 @@
 """tinyfast: train a ResNet18 from scratch on TinyImageNet with fastai, and understand what it learned.
 
 The REPL names are the CLI's: `tiny_imagenet_dls` (data), `resnet18` (model), `tiny_learner` (Learner),
-`fit` (a training run with its run folder), `load_run` (a run folder back as a Learner).
+`RunConfig` (every option of a run), `fit` (a training run with its run folder), `load_run` (a run folder back as a
+Learner).
 They import on first use (PEP 562), so that `tinyfast --help` does not wait for torch and fastai; so do the
 heavier parts: `tinyfast.lr_range` and `tinyfast.lr_range_report`, `tinyfast.interpret`, `tinyfast.cam` and
 `tinyfast.cam_report`, `tinyfast.compare`, `tinyfast.export`.
@@ -9,7 +10,7 @@ heavier parts: `tinyfast.lr_range` and `tinyfast.lr_range_report`, `tinyfast.int
 from importlib import import_module
 
 _HOME = {"tiny_imagenet_dls": "data", "default_augmentation": "data", "resnet18": "model",
-         "tiny_learner": "learner", "fit": "train", "load_run": "train", "download_tiny_imagenet": "dataset",
+         "tiny_learner": "learner", "RunConfig": "config", "fit": "train", "load_run": "train", "download_tiny_imagenet": "dataset",
          "resolve_dataset": "dataset", "DatasetError": "dataset"}
 
 __all__ = list(_HOME)

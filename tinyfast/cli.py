@@ -6,6 +6,7 @@ can be done from a REPL. Errors a user can act on are one line on stderr and a n
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from contextlib import contextmanager, nullcontext
 from enum import Enum
@@ -14,14 +15,14 @@ from typing import List, Optional
 
 import typer
 
-from tinyfast.choices import CAM_METHOD_NAMES, FORMATS, MODES, PRECISIONS, SCHEDULES, STEMS, TRACKERS
+from tinyfast.choices import CAM_METHOD_NAMES, FORMATS, MODES, PRECISIONS, STEMS
+from tinyfast.config import DATA_HELP, RunConfig, describe_range, in_range
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and understand a ResNet18 on TinyImageNet with fastai.")
 bench_app = typer.Typer(no_args_is_help=True, help="Measure the data loader or the training step (run on purpose, not in tests).")
 app.add_typer(bench_app, name="bench")
 
-DATA_HELP = "a tiny-imagenet-200 folder or its zip [default: $TINYFAST_DATA or data/tiny-imagenet-200]"
 
 
 def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
@@ -29,39 +30,21 @@ def _choices(name: str, values: tuple[str, ...]) -> type[Enum]:
     return Enum(name, {v.replace("-", "_"): v for v in values}, type=str)
 
 
-Schedule = _choices("Schedule", SCHEDULES)
 Precision = _choices("Precision", PRECISIONS)
 Stem = _choices("Stem", STEMS)
 Mode = _choices("Mode", MODES)
-Tracker = _choices("Tracker", TRACKERS)
 ExportFormat = _choices("ExportFormat", FORMATS)
 
 
-# The allowed range of every numeric flag, checked before any work (`check_ranges`): "[1, inf)" is >= 1, "(0, 1]"
-# is above 0 and at most 1. A command with its own range for a name passes it to `check_ranges`.
-RANGES = {
-    "epochs": "[1, inf)", "bs": "[1, inf)", "size": "[8, inf)", "lr": "(0, inf)", "wd": "[0, inf)",
-    "mom": "[0, 1)", "label_smoothing": "[0, 1)", "patience": "[0, inf)", "factor": "(1, inf)",
-    "seed": "[0, 4294967295]", "num_workers": "[0, inf)", "baseline_workers": "[0, inf)", "classes": "[1, inf)",
-    "train_per_class": "[1, inf)", "lr_num_it": "[2, inf)", "num_it": "[2, inf)", "start_lr": "(0, inf)",
-    "end_lr": "(0, inf)", "ema": "[0, 1)", "mixup": "[0, inf)", "cutmix": "[0, inf)", "progressive": "[0, inf)",
+# The allowed range of every numeric flag, checked before any work (`check_ranges`): a run's options have theirs in
+# tinyfast.config.RunConfig; the other commands' flags are here. "[1, inf)" is >= 1, "(0, 1]" is above 0 and at
+# most 1. A command with its own range for a name passes it to `check_ranges`.
+RANGES = {f.name: f.metadata["range"] for f in RunConfig.options() if f.metadata["range"]} | {
+    "baseline_workers": "[0, inf)", "num_it": "[2, inf)", "start_lr": "(0, inf)", "end_lr": "(0, inf)",
     "top_losses": "[1, inf)", "pairs": "[1, inf)", "n": "[1, inf)", "limit": "[1, inf)", "topk": "[1, inf)",
     "at": "(0, 1]", "passes": "[1, inf)", "steps": "[1, inf)", "warmup": "[0, inf)", "batch": "[1, inf)",
-    "lr_val_batches": "[1, inf)", "val_batches": "[1, inf)", "port": "[1, 65535]",
+    "val_batches": "[1, inf)", "port": "[1, 65535]",
 }
-
-
-def _in_range(value: float, interval: str) -> bool:
-    low, high = (float(x) for x in interval[1:-1].split(","))
-    return ((low <= value) if interval[0] == "[" else (low < value)) and \
-           ((value <= high) if interval[-1] == "]" else (value < high))
-
-
-def _describe(interval: str) -> str:
-    low, high = interval[1:-1].split(", ")
-    if high == "inf":
-        return f"{'>=' if interval[0] == '[' else '>'} {low}"
-    return f"in {interval}"
 
 
 def check_ranges(values: dict, **own: str) -> None:
@@ -73,8 +56,8 @@ def check_ranges(values: dict, **own: str) -> None:
         if interval is None or value is None:
             continue
         for v in (value if isinstance(value, (list, tuple)) else [value]):
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not _in_range(v, interval):
-                fail(f"--{name.replace('_', '-')} must be {_describe(interval)}, not {v}", 2)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not in_range(v, interval):
+                fail(f"--{name.replace('_', '-')} must be {describe_range(interval)}, not {v}", 2)
 
 
 def fail(message: str, code: int = 1):
@@ -145,64 +128,57 @@ def doctor(data: Optional[Path] = typer.Option(None, help=DATA_HELP)):
         raise typer.Exit(1)
 
 
-@app.command("fit")
-def fit_cmd(ctx: typer.Context, data: Optional[Path] = typer.Option(None, help=DATA_HELP),
-            epochs: int = typer.Option(30, help="epochs to train"),
-            bs: int = typer.Option(256, help="batch size"),
-            lr: str = typer.Option("0.1", help="peak (one-cycle) or starting (plateau) learning rate, or 'auto' to run the LR range test first"),
-            schedule: Schedule = typer.Option(Schedule.one_cycle, help="fit_one_cycle, or SGD with ReduceLROnPlateau"),
-            wd: float = typer.Option(5e-4, help="L2 weight decay on every parameter, as in the classic recipe (SGD with Nesterov momentum)"),
-            mom: float = typer.Option(0.9, help="SGD momentum (one-cycle cycles it 0.95-0.85-0.95 as fastai does)"),
-            label_smoothing: float = typer.Option(0.1, help="label smoothing of the cross-entropy (0 for none)"),
-            size: Optional[int] = typer.Option(None, help="input size in pixels [default: 64, or the --budget's choice]"),
-            budget: Optional[str] = typer.Option(None, help="plan the run for this much wall time, everything included (90m, 1.5h, 300s): the epochs, and the size where --size is not given"),
-            stem: Stem = typer.Option(Stem.cifar, help="cifar: 3x3 stride-1 stem, 64x64 feature maps; imagenet: 7x7 stride-2 + max-pool (15x cheaper)"),
-            out: Optional[Path] = typer.Option(None, help="run folder [default: runs/<timestamp>]"),
-            resume: bool = typer.Option(False, help="continue the run in --out (or the newest under runs/) from its checkpoint"),
-            seed: int = typer.Option(42, help="random seed"),
-            precision: Precision = typer.Option(Precision.auto, help="auto: bf16 where native, fp16 (loss-scaled) on a GPU older than sm_80, else fp32; see doctor"),
-            num_workers: Optional[int] = typer.Option(None, help="DataLoader workers [default: 0 on CPU; on a GPU min(8, CPU cores)]"),
-            monitor: str = typer.Option("valid_loss", help="plateau: the value watched"),
-            patience: int = typer.Option(2, help="plateau: epochs without improvement before the LR drops"),
-            factor: float = typer.Option(5.0, help="plateau: the LR is divided by this"),
-            classes: Optional[int] = typer.Option(None, help="train on the first N classes only (a real subset)"),
-            train_per_class: Optional[int] = typer.Option(None, help="use the first M training images of each class"),
-            aug: bool = typer.Option(True, help="the default Albumentations policy on the training split"),
-            lr_mode: Mode = typer.Option(Mode.smith, help="--lr auto: which LR range test picks the LR (find-lr --mode; fastai's valley suits Adam, not SGD)"),
-            lr_num_it: int = typer.Option(100, "--lr-num-it", "--lr-iterations", help="--lr auto: iterations of the LR range test (find-lr --num-it)"),
-            lr_val_batches: int = typer.Option(2, help="--lr auto (smith): validation batches measured after each step (find-lr --val-batches)"),
-            ema: float = typer.Option(0.0, help="EMA of the weights with this decay (0.999 is usual; 0: off): validated and saved as model.pth"),
-            mixup: float = typer.Option(0.0, help="fastai's MixUp with this Beta alpha (0.4 is usual; 0: off)"),
-            cutmix: float = typer.Option(0.0, help="fastai's CutMix with this Beta alpha (1.0 is usual; 0: off)"),
-            progressive: int = typer.Option(0, help="progressive resizing: the first half of the epochs grows from this size to --size (0: off)"),
-            tta: bool = typer.Option(False, help="also score the best model with fastai's test-time augmentation (tta.json)"),
-            compile: bool = typer.Option(False, "--compile", help="torch.compile the model (pays on long GPU runs; the first steps wait for the compiler)"),
-            quiet: bool = typer.Option(False, help="no layer summary, no progress bars: only the result line (RUN_DIR/log.txt keeps what is printed)"),
-            log: Tracker = typer.Option("csv", help="csv: metrics.csv only; tensorboard: also RUN_DIR/tensorboard/ (fastai's TensorBoardCallback); wandb: also fastai's WandbCallback, offline unless WANDB_MODE is set")):
+def _config_parameter(f) -> inspect.Parameter:
+    """The typer parameter of one RunConfig option: its flags, default and help as the field says."""
+    meta, default = f.metadata, f.default
+    if meta["choices"]:
+        kind = _choices(f.name.title().replace("_", ""), meta["choices"])
+        hint, default = kind, kind(default)
+    elif f.name == "data":
+        hint = Optional[Path]
+    elif f.name == "lr":
+        hint, default = str, str(default)  # a number or "auto"
+    else:
+        hint = {"bool": bool, "int": int, "float": float, "str": str}[f.type.split(" | ")[0]]
+        hint = Optional[hint] if "None" in f.type else hint
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hint,
+                             default=typer.Option(default, *meta["flags"], help=meta["help"]))
+
+
+def fit_cmd(ctx: typer.Context, out: Optional[Path], resume: bool, quiet: bool, **options):
     """Train the ResNet18 and write a run folder (metrics, curves, model, learner.pkl, the exact command)."""
-    check_ranges(locals())
+    check_ranges(options)
     from tinyfast.budget import parse_budget
     from tinyfast.errors import RunError
     from tinyfast.train import fit
-    lr_value = lr if lr == "auto" else _float(lr, "--lr")
+    options = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items()}
+    options["lr"] = options["lr"] if options["lr"] == "auto" else _float(options["lr"], "--lr")
     try:
-        parse_budget(budget) if budget is not None else None
+        parse_budget(options["budget"]) if options["budget"] is not None else None
     except RunError as e:
         fail(str(e), 2)
-    result = run_safely(fit, data=data, epochs=epochs, bs=bs, lr=lr_value, schedule=schedule.value, wd=wd, mom=mom,
-                        label_smoothing=label_smoothing, size=size, budget=budget, stem=stem.value, out=out, resume=resume, seed=seed,
-                        precision=precision.value, num_workers=num_workers, monitor=monitor, patience=patience,
-                        factor=factor, classes=classes, train_per_class=train_per_class, aug=aug,
-                        lr_mode=lr_mode.value, lr_num_it=lr_num_it, lr_val_batches=lr_val_batches,
-                        ema=ema, mixup=mixup, cutmix=cutmix,
-                        progressive=progressive, tta=tta, log=log.value, command=command_line(),
-                        compile=compile, changed=given_flags(ctx), quiet=quiet)
+    result = run_safely(fit, out=out, resume=resume, quiet=quiet, command=command_line(), changed=given_flags(ctx),
+                        **options)
     from tinyfast.distributed import is_main_process
     if is_main_process():
         from tinyfast.runlog import run_log
         with run_log(result.run_dir):
             typer.echo(f"best val accuracy {result.best_accuracy:.4f} at epoch {result.best_epoch}, "
                        f"{result.seconds:.0f} s of training; run folder: {result.run_dir}")
+
+
+# the command's parameters: every option of a run (tinyfast.config.RunConfig), then how to run it
+fit_cmd.__signature__ = inspect.Signature(
+    [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)]
+    + [_config_parameter(f) for f in RunConfig.options()]
+    + [inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
+                         default=typer.Option(None, help="run folder [default: runs/<timestamp>]")),
+       inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+           False, help="continue the run in --out (or the newest under runs/) from its checkpoint")),
+       inspect.Parameter("quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+           False, help="no layer summary, no progress bars: only the result line (RUN_DIR/log.txt keeps what is "
+                       "printed)"))])
+app.command("fit")(fit_cmd)
 
 
 def given_flags(ctx: typer.Context) -> set[str]:

@@ -9,7 +9,8 @@ import csv
 import json
 from pathlib import Path
 
-from .layout import (CONFIG, CONFUSION, CONFUSION_FULL, CURVES, EVALUATION, GRADCAM_JSON, LR_FIND_JSON, LR_FIND_PNG,
+from .run_folder import NotARunFolder, read_config, read_metrics
+from .layout import (CONFUSION, CONFUSION_FULL, CURVES, EVALUATION, GRADCAM_JSON, LR_FIND_JSON, LR_FIND_PNG,
                      METRICS, MOST_CONFUSED, PER_CLASS, RELIABILITY, REPORT, SCHEDULE, SUMMARY, TOP_LOSSES,
                      atomic_write_text, gradcam_figure_name)
 
@@ -19,6 +20,21 @@ def _json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _run_config(run_dir: Path) -> dict:
+    """config.json, through its owner; {} where there is none (evaluate and interpret may write elsewhere)."""
+    try:
+        return read_config(run_dir)
+    except NotARunFolder:
+        return {}
+
+
+def _run_metrics(run_dir: Path) -> list[dict]:
+    try:
+        return read_metrics(run_dir)
+    except (OSError, ValueError):
+        return []
 
 
 def _csv_rows(path: Path, n: int) -> list[dict]:
@@ -54,9 +70,9 @@ def _image(run_dir: Path, name: str, alt: str, missing: str) -> list[str]:
 
 def write_report(run_dir: Path | str) -> Path:
     run_dir = Path(run_dir)
-    cfg = _json(run_dir / CONFIG) or {}
+    cfg = _run_config(run_dir)
     args = cfg.get("args", {})
-    metrics = _csv_rows(run_dir / METRICS, 10_000)
+    metrics = _run_metrics(run_dir)
     name = run_dir.name
     lines = [f"# Run `{name}`", ""]
     if cfg:

@@ -7,9 +7,7 @@ checkpoint, so a resumed run ends where the uninterrupted one would.
 """
 from __future__ import annotations
 
-import inspect
 import json
-import os
 import random
 import shlex
 import shutil
@@ -21,7 +19,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Iterator
 
 import numpy as np
@@ -31,10 +28,10 @@ from fastai.learner import Learner
 from fastcore.xtras import ContextManagers
 from fastai.torch_core import set_seed
 
-from .budget import SIZES, BudgetTooSmall, budget_size, format_seconds, parse_budget, plan_run
+from .budget import BudgetTooSmall, budget_size, format_seconds, parse_budget, plan_run
 from .callbacks import (SYNC_EVERY, Plateau, RunLogger, SmoothLossOnDevice, StopOnNaN, TimeLeft,  # noqa: F401
                         lever_callbacks, progressive_sizes, tracker_callbacks)
-from .choices import SCHEDULES, TRACKERS
+from .config import DEFAULT_SIZE, RunConfig, resume_changes
 from .data import tiny_imagenet_dls
 from .doctor import check_device, versions
 from .errors import NonFiniteLoss, RunError, RunInterrupted, one_line
@@ -49,35 +46,6 @@ from .runlog import run_log
 # ---------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------
-# On --resume, what may differ from the saved run: where the data is and how it is loaded, and the scoring
-# after training. A plateau run may also change its length (it has no schedule to stretch); a one-cycle run may
-# not. Anything else would make the run something other than what its folder says it is: refused.
-RESUME_MAY_CHANGE = ("data", "num_workers", "tta")
-
-
-def resume_changes(saved: dict, requested: dict, done_epochs: int) -> dict:
-    """The requested arguments a resume applies (`RESUME_MAY_CHANGE`, and `epochs` of a plateau run beyond
-    those done); a RunError naming every other one that differs from the saved run, with both values."""
-    apply, refused = {}, []
-    for k, v in requested.items():
-        if k not in saved or v == saved[k]:
-            continue
-        if k in RESUME_MAY_CHANGE or (k == "epochs" and saved["schedule"] == "plateau" and v > done_epochs):
-            apply[k] = v
-        else:
-            refused.append(f"--{k.replace('_', '-')} {v} (saved: {saved[k]})")
-    if refused:
-        why = ("a one-cycle schedule cannot be stretched; " if "epochs" in " ".join(refused) and
-               saved["schedule"] == "one-cycle" else "")
-        raise RunError(f"--resume continues the run as it was saved, but {', '.join(refused)} differ: {why}drop "
-                       f"{'them' if len(refused) > 1 else 'it'}, or start a new run with another --out (a resume may "
-                       f"change only --data, --num-workers, --tta, and --epochs of a plateau run)")
-    return apply
-
-
-NOT_RUN_ARGS = ("command", "cbs", "quiet", "resume", "out", "changed")  # of fit: not saved in config.json
-
-
 @dataclass
 class FitResult:
     learn: Learner
@@ -88,37 +56,26 @@ class FitResult:
     tta_accuracy: float | None = None
 
 
-def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: float | str = 0.1,
-        schedule: str = "one-cycle", wd: float = 5e-4, mom: float = 0.9, label_smoothing: float = 0.1,
-        size: int | None = None, budget: str | float | None = None, stem: str = "cifar",
-        out: Path | str | None = None, resume: bool = False, seed: int = 42,
-        precision: str = "auto", num_workers: int | None = None, monitor: str = "valid_loss", patience: int = 2,
-        factor: float = 5.0, classes: int | None = None, train_per_class: int | None = None, aug: bool = True,
-        lr_mode: str = "smith", lr_num_it: int = 100, lr_val_batches: int = 2, ema: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
-        progressive: int = 0, tta: bool = False, log: str = "csv", compile: bool = False,
-        command: str | None = None, cbs: list | None = None,
-        quiet: bool = False, changed: set[str] | None = None) -> FitResult:
-    """Train and write a run folder. `lr="auto"` first runs the LR range test `lr_mode` ("smith": linear sweep on
-    a held-out loss, the default, as fastai's valley suggests LRs far too low for SGD; or "fastai") for
-    `lr_num_it` steps (measuring `lr_val_batches` held-out batches), and uses its suggestion.
-    `schedule="plateau"`: SGD at `lr`, divided by `factor` when `monitor` has not improved for `patience` epochs.
-    The levers toward the full-data target, each off by default (docs/BENCHMARKS.md has what each measured):
-    `ema=0.999` validates and saves an EMA of the weights; `mixup=0.4` / `cutmix=1.0` are the Beta alpha of
-    fastai's `MixUp` / `CutMix`; `progressive=32` trains the first half of the epochs from 32 px up to `size`;
-    `tta=True` also scores the best model with fastai's `tta` (tta.json).
-    `log="tensorboard"` (or "wandb", offline unless WANDB_MODE says otherwise) adds fastai's tracker callback,
-    writing into the run folder; metrics.csv is always written. `compile=True` runs the model through
-    `torch.compile` (in place: model.pth and resume are unchanged), for long GPU runs.
-    `resume=True` continues `out` (or the newest run under runs/) from its checkpoint, with its saved settings;
-    an argument that differs from them is applied if `resume_changes` allows it and refused otherwise. Which
-    arguments the caller set: `changed` (the CLI passes the flags on its command line), else those that differ
-    from their defaults.
+def fit(config: RunConfig | Path | str | None = None, *, out: Path | str | None = None, resume: bool = False,
+        command: str | None = None, cbs: list | None = None, quiet: bool = False, changed: set[str] | None = None,
+        **options) -> FitResult:
+    """Train and write a run folder. `config` is a `RunConfig` (tinyfast.config: every option, its default and
+    meaning), or the data path for short; `options` override its fields by name: `fit(RunConfig(epochs=5))`,
+    `fit("data/tiny-imagenet-200", epochs=5, lr="auto")`. `lr="auto"` first runs the LR range test `lr_mode` and
+    uses its suggestion; a `budget` plans the epochs (and the size, where none is given) for that wall time.
+    `resume=True` continues `out` (or the newest run under runs/) from its checkpoint, with its saved
+    configuration; an option that differs from it is applied if `resume_changes` allows it and refused otherwise.
+    Which options the caller set: `changed` (the CLI passes the flags on its command line), else those that differ
+    from their defaults. `cbs`: more fastai callbacks for this fit; `quiet`: no summary, no progress bars.
 
-    The run's configuration is one object from here on, `run` (the arguments, or on a resume the saved ones
-    with the allowed changes), and it is what config.json keeps under "args"."""
-    args = {k: (str(v) if isinstance(v, Path) else v) for k, v in locals().items() if k not in NOT_RUN_ARGS}
+    config.json keeps the configuration under "args" (with `lr_picked` and `budget_plan`, what the run decided)."""
     called = time.time()  # a --budget counts from here: the cache build and the range test are in it
-    _check_arguments(args)
+    if not isinstance(config, RunConfig):
+        options = {"data": config, **options} if config is not None else options
+        config = None
+    config = RunConfig.make(config, **options)
+    _check_tracker(config.log)
+    args = config.as_dict()
     check_device()  # a GPU this torch has no kernels for: one line, before any folder
     command = command or shlex.join([Path(sys.executable).name] + sys.argv)
     setup_distributed()  # a no-op unless launched by torchrun / accelerate launch
@@ -126,49 +83,52 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         run_dir, args, start, resumed_with = _resume(out, args, changed, command)
     else:
         run_dir, start, resumed_with = on_main(new_run_dir, out), None, None  # one folder, named by rank 0
-    run = SimpleNamespace(**{**RUN_DEFAULTS, **args})  # a saved config of an older version lacks the newer keys
+    config = RunConfig.from_dict(args)  # on a resume, the saved options (an older folder's missing ones: defaults)
+    state = {k: args.get(k) for k in STATE}
     main = is_main_process()
     with run_log(run_dir, header=command) if main else nullcontext():  # rank 0 writes log.txt
         if resumed_with and not quiet and main:
             print(resumed_with)
-        set_seed(run.seed)
-        if run.size is None:  # the budget's choice, or the default
+        set_seed(config.seed)
+        if config.size is None:  # the budget's choice, or the default
             with _no_folder_if_budget_too_small(run_dir, new=start is None):
-                run.size = on_main(budget_size, run, time.time() - called) if run.budget is not None else DEFAULT_SIZE
+                config = config.replace(size=on_main(budget_size, config, time.time() - called)
+                                        if config.budget is not None else DEFAULT_SIZE)
         with main_process_first():  # rank 0 decodes the image cache, the others reuse it
-            dls = tiny_imagenet_dls(run.data, bs=run.bs, size=run.size, num_workers=run.num_workers,
-                                    aug=None if run.aug else False, classes=run.classes,
-                                    train_per_class=run.train_per_class, progress=not quiet)
-        learn = tiny_learner(dls, stem=run.stem, wd=run.wd, mom=run.mom, label_smoothing=run.label_smoothing,
-                             precision=run.precision)
+            dls = tiny_imagenet_dls(config.data, bs=config.bs, size=config.size, num_workers=config.num_workers,
+                                    aug=None if config.aug else False, classes=config.classes,
+                                    train_per_class=config.train_per_class, progress=not quiet)
+        learn = tiny_learner(dls, stem=config.stem, wd=config.wd, mom=config.mom,
+                             label_smoothing=config.label_smoothing, precision=config.precision)
         learn.path, learn.model_dir = run_dir, "."
         if start is None:  # rank 0 writes the files and picks the LR; the others take its LR
-            run.lr_picked = on_main(_start_run, learn, run_dir, run, command, world_size(), quiet)
+            state["lr_picked"] = on_main(_start_run, learn, run_dir, config, command, world_size(), quiet)
         with _no_folder_if_budget_too_small(run_dir, new=start is None):
-            deadline = _apply_budget(learn, run, run_dir, start, called, quiet) if run.budget is not None else None
+            deadline, config = (_apply_budget(learn, config, state, run_dir, start, called, quiet)
+                                if config.budget is not None else (None, config))
         logger = RunLogger(run_dir, start)
-        run_cbs = ([logger, StopOnNaN(), SmoothLossOnDevice(1 if run.log != "csv" else SYNC_EVERY),
+        run_cbs = ([logger, StopOnNaN(), SmoothLossOnDevice(1 if config.log != "csv" else SYNC_EVERY),
                     TimeLeft(deadline, show=not quiet and main, start_epoch=start["epoch"] if start else 0)]
-                   + lever_callbacks(vars(run), start) + tracker_callbacks(vars(run), run_dir, start, quiet)
+                   + lever_callbacks(config.as_dict(), start) + tracker_callbacks(config.as_dict(), run_dir, start, quiet)
                    + list(cbs or []))
-        if run.compile:
+        if config.compile:
             run_cbs.append(CompileModel())
-        if run.schedule == "plateau":
-            run_cbs.append(Plateau(monitor=run.monitor, patience=run.patience, factor=run.factor,
+        if config.schedule == "plateau":
+            run_cbs.append(Plateau(monitor=config.monitor, patience=config.patience, factor=config.factor,
                                    state=start and start["plateau"], start_epoch=start["epoch"] if start else 0))
-        lr = float(run.lr_picked if run.lr_picked is not None else run.lr)
+        lr = float(state["lr_picked"] if state["lr_picked"] is not None else config.lr)
         start_epoch = 0
         if start is not None:
             start_epoch = _load_checkpoint(learn, start)
-            lr = start["lr"] if run.schedule == "plateau" else lr
+            lr = start["lr"] if config.schedule == "plateau" else lr
             if not quiet and main:
-                print(f"resuming {run_dir} after epoch {start_epoch}/{run.epochs}")
+                print(f"resuming {run_dir} after epoch {start_epoch}/{config.epochs}")
         t0 = time.perf_counter()
         try:
             with (ContextManagers([learn.no_bar(), learn.no_logging()]) if quiet else nullcontext(),
                   distributed_context(learn), sigterm_as_interrupt()):
-                schedule = learn.fit_one_cycle if run.schedule == "one-cycle" else learn.fit
-                schedule(run.epochs, lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
+                schedule = learn.fit_one_cycle if config.schedule == "one-cycle" else learn.fit
+                schedule(config.epochs, lr, cbs=run_cbs, start_epoch=start_epoch, reset_opt=start is None)
         except KeyboardInterrupt:
             _cleanup(learn)
             if main:
@@ -185,48 +145,21 @@ def fit(data: Path | str | None = None, epochs: int = 30, bs: int = 256, lr: flo
         seconds = time.perf_counter() - t0
         if (run_dir / MODEL).exists():  # complete on every rank: distributed_context waits for rank 0
             learn.model.load_state_dict(read_model(run_dir))
-        tta_scores = _score_with_tta(learn, run_dir, logger.best, quiet) if run.tta else None
+        tta_scores = _score_with_tta(learn, run_dir, logger.best, quiet) if config.tta else None
         if main:
             write_plots(run_dir, logger.rows, logger.lrs, logger.moms)
             # fastai's export writes to learn.path / the name given: absolute, or a relative --out is joined twice
             atomic_write(run_dir / LEARNER, lambda tmp: learn.export(Path(tmp).absolute()))
-            if run.budget is not None:
-                _record_budget_outcome(run_dir, run, start, called)
-            if run.log == "wandb":
+            if config.budget is not None:
+                _record_budget_outcome(run_dir, config, state, start, called)
+            if config.log == "wandb":
                 import wandb
                 wandb.finish()
         return FitResult(learn, run_dir, logger.best, logger.best_epoch, seconds,
                          tta_scores["accuracy"] if tta_scores else None)
 
 
-# The arguments of `fit` that make up a run's configuration (config.json "args"), with their defaults; the others
-# say how to run it, not what it is.
-RUN_DEFAULTS = {k: p.default for k, p in inspect.signature(fit).parameters.items()
-                if k not in NOT_RUN_ARGS} | {"lr_picked": None, "budget_plan": None}
-DEFAULT_SIZE = 64
-
-
-def _check_arguments(args: dict) -> None:
-    """The checks no other layer makes, before any folder exists (the CLI checks the numeric ranges)."""
-    if args["schedule"] not in SCHEDULES:
-        raise RunError(f"--schedule must be one of {', '.join(SCHEDULES)}, not {args['schedule']!r}")
-    if args["epochs"] < 1:
-        raise RunError(f"--epochs must be at least 1, not {args['epochs']}")
-    if args["log"] not in TRACKERS:
-        raise RunError(f"--log must be one of {', '.join(TRACKERS)}, not {args['log']!r}")
-    _check_tracker(args["log"])
-    if args["mixup"] > 0 and args["cutmix"] > 0:
-        raise RunError("--mixup and --cutmix are alternatives: give one of them, not both")
-    if not 0.0 <= args["ema"] < 1.0:
-        raise RunError(f"--ema is a decay in [0, 1) (0 for none, 0.999 is usual), not {args['ema']}")
-    size = args["size"] or (min(SIZES) if args["budget"] is not None else DEFAULT_SIZE)
-    if args["progressive"] and not 0 < args["progressive"] <= size:
-        raise RunError(f"--progressive is the first epochs' size, in (0, --size={size}] (0 for none), "
-                       f"not {args['progressive']}")
-    if args["budget"] is not None:
-        parse_budget(args["budget"])
-        if args["schedule"] != "one-cycle":
-            raise RunError("--budget plans a one-cycle schedule: drop --schedule plateau, or give --epochs instead")
+STATE = ("lr_picked", "budget_plan")  # what a run decided, kept in config.json's "args" beside its options
 
 
 def _resume(out: Path | str | None, args: dict, changed: set[str] | None,
@@ -243,8 +176,9 @@ def _resume(out: Path | str | None, args: dict, changed: set[str] | None,
         raise RunError(f"cannot resume: {run_dir / CONFIG} is unreadable ({one_line(e) or 'no args'}); "
                        f"nothing in {run_dir} was changed") from None
     start = read_checkpoint(run_dir)
+    defaults = RunConfig().as_dict()
     requested = {k: v for k, v in args.items()
-                 if (k in changed if changed is not None else v != RUN_DEFAULTS[k]) and v is not None}
+                 if (k in changed if changed is not None else v != defaults[k]) and v is not None}
     applied = resume_changes(saved, requested, start["epoch"])
     args = {**saved, **applied}
     if applied and {k for k in applied if k != "data"}:
@@ -256,7 +190,7 @@ def _resume(out: Path | str | None, args: dict, changed: set[str] | None,
     return run_dir, args, start, None
 
 
-def _start_run(learn: Learner, run_dir: Path, run: SimpleNamespace, command: str, processes: int,
+def _start_run(learn: Learner, run_dir: Path, config: RunConfig, command: str, processes: int,
                quiet: bool) -> float | None:
     """A new run's files before its first epoch (summary.txt, config.json), and with `--lr auto` the range test
     (lr_find.*); returns the LR it picked, or None. Rank 0 alone (`on_main`, inside which the world is one
@@ -266,51 +200,51 @@ def _start_run(learn: Learner, run_dir: Path, run: SimpleNamespace, command: str
     atomic_write_text(run_dir / SUMMARY, summary)
     if not quiet:
         print(summary)
-    args = {k: v for k, v in vars(run).items() if k != "lr_picked"}
-    config = {"command": command, "args": args, "versions": versions(), "device": str(learn.dls.device),
-              "processes": processes, "dataset": dataset_info(learn.dls),
-              "started": datetime.now().isoformat(timespec="seconds")}
-    write_config(run_dir, config)
-    if run.lr != "auto":
+    saved = {"command": command, "args": config.as_dict() | dict.fromkeys(STATE), "versions": versions(),
+             "device": str(learn.dls.device), "processes": processes, "dataset": dataset_info(learn.dls),
+             "started": datetime.now().isoformat(timespec="seconds")}
+    write_config(run_dir, saved)
+    if config.lr != "auto":
         return None
     from .lr_range import lr_range_test
     from .lr_range_report import write_lr_range
-    result = lr_range_test(learn, mode=run.lr_mode, num_it=run.lr_num_it, val_batches=run.lr_val_batches)
+    result = lr_range_test(learn, mode=config.lr_mode, num_it=config.lr_num_it, val_batches=config.lr_val_batches)
     write_lr_range(result, run_dir)
-    config["args"]["lr_picked"] = result.suggested_lr
-    write_config(run_dir, config)
+    saved["args"]["lr_picked"] = result.suggested_lr
+    write_config(run_dir, saved)
     print(f"lr auto: {result.suggested_lr:.3g} ({result.reason}); curve in {run_dir / LR_FIND_PNG}")
     return result.suggested_lr
 
 
-def _apply_budget(learn: Learner, run: SimpleNamespace, run_dir: Path, start: dict | None, called: float,
-                  quiet: bool) -> float:
+def _apply_budget(learn: Learner, config: RunConfig, state: dict, run_dir: Path, start: dict | None, called: float,
+                  quiet: bool) -> tuple[float, RunConfig]:
     """A new budgeted run: measured and planned on rank 0 (its epochs and epoch share into config.json, its plan
     line printed); a resumed one goes on with its plan. The training set's epoch share applied; returns the
-    deadline (wall clock) the budget sets."""
-    budget_s = parse_budget(run.budget)
+    deadline (wall clock) the budget sets, and the configuration with the planned epochs."""
+    budget_s = parse_budget(config.budget)
     if start is None:
         cost = None
-        if run.progressive:  # the first epochs are at smaller sizes: cheaper
-            cost = lambda n: [(s / run.size) ** 2 for s in progressive_sizes(run.size, n, run.progressive)]  # noqa: E731
-        plan = on_main(plan_run, learn, run.size, time.time() - called, float(run.lr_picked or run.lr), budget_s, cost)
-        run.epochs, run.budget_plan = plan.n_epoch, plan.as_dict()
-        on_main(update_config, run_dir, args=dict(vars(run)))
+        if config.progressive:  # the first epochs are at smaller sizes: cheaper
+            cost = lambda n: [(s / config.size) ** 2 for s in progressive_sizes(config.size, n, config.progressive)]  # noqa: E731
+        lr = float(state["lr_picked"] or config.lr)
+        plan = on_main(plan_run, learn, config.size, time.time() - called, lr, budget_s, cost)
+        config, state["budget_plan"] = config.replace(epochs=plan.n_epoch), plan.as_dict()
+        on_main(update_config, run_dir, args=config.as_dict() | state)
         if is_main_process():
-            print(plan.line(str(run.budget)))
+            print(plan.line(str(config.budget)))
         used = 0.0
     else:  # what the budget already paid for: set-up, and the epochs done
-        used = _budget_used_before(run, start)
+        used = _budget_used_before(state, start)
         if is_main_process() and not quiet:
-            print(f"budget {run.budget}: ~{format_seconds(budget_s - used)} left; the plan goes on "
-                  f"({run.epochs} epochs of {run.budget_plan['epoch_share']:.0%} of the training set)")
-    learn.dls.train.epoch_share = run.budget_plan["epoch_share"]
-    return called + budget_s - used
+            print(f"budget {config.budget}: ~{format_seconds(budget_s - used)} left; the plan goes on "
+                  f"({config.epochs} epochs of {state['budget_plan']['epoch_share']:.0%} of the training set)")
+    learn.dls.train.epoch_share = state["budget_plan"]["epoch_share"]
+    return called + budget_s - used, config
 
 
-def _budget_used_before(run: SimpleNamespace, start: dict) -> float:
+def _budget_used_before(state: dict, start: dict) -> float:
     """What a resumed budget run had spent in its earlier sessions: its set-up, and the epochs done."""
-    return run.budget_plan["spent_s"] + (start["rows"][-1]["elapsed"] if start["rows"] else 0.0)
+    return state["budget_plan"]["spent_s"] + (start["rows"][-1]["elapsed"] if start["rows"] else 0.0)
 
 
 @contextmanager
@@ -324,12 +258,12 @@ def _no_folder_if_budget_too_small(run_dir: Path, new: bool) -> Iterator[None]:
         raise
 
 
-def _record_budget_outcome(run_dir: Path, run: SimpleNamespace, start: dict | None, called: float) -> None:
+def _record_budget_outcome(run_dir: Path, config: RunConfig, state: dict, start: dict | None, called: float) -> None:
     """config.json's "budget": the plan's budget, and the wall time the run took (all its sessions)."""
-    wall = (0.0 if start is None else _budget_used_before(run, start)) + time.time() - called
-    budget_s = parse_budget(run.budget)
+    wall = (0.0 if start is None else _budget_used_before(state, start)) + time.time() - called
+    budget_s = parse_budget(config.budget)
     update_config(run_dir, budget={"budget_s": budget_s, "wall_s": round(wall, 1),
-                                    "share_of_budget": round(wall / budget_s, 4), "plan": run.budget_plan})
+                                    "share_of_budget": round(wall / budget_s, 4), "plan": state["budget_plan"]})
 
 
 def _load_checkpoint(learn: Learner, start: dict) -> int:
@@ -409,7 +343,7 @@ def load_run(run_dir: Path | str, data: Path | str | None = None, bs: int | None
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     weights = read_model(run_dir)
-    run = SimpleNamespace(**{**RUN_DEFAULTS, **cfg["args"]})
+    run = RunConfig.from_dict(cfg["args"])
     dls = tiny_imagenet_dls(data or run.data or cfg["dataset"]["root"], bs=bs or run.bs, size=run.size,
                             num_workers=num_workers if num_workers is not None else run.num_workers,
                             aug=None if run.aug else False, classes=run.classes, train_per_class=run.train_per_class)
