@@ -61,7 +61,8 @@ def tinyfast_fit(root: Path | str, epochs: int = 8, lr: float | str = 0.1, bs: i
     from tinyfast.model import resnet18
 
     from tinyfast.callbacks import EMA
-    from tinyfast.train import lever_callbacks, tta_accuracy
+    from tinyfast.callbacks import lever_callbacks
+    from tinyfast.interpret import tta_accuracy
 
     model_kwargs, learner_kwargs, aug, levers = VARIANTS[variant]
     levers = {k: (size // 2 if v == "half" else v) for k, v in levers.items()}

@@ -21,21 +21,28 @@ from __future__ import annotations
 
 import math
 import random
-import re
+import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from dataclasses import asdict, dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 from fastai.callback.core import Callback, CancelFitException, CancelTrainException, CancelValidException
 from fastai.learner import Learner
 
+from .distributed import is_main_process, on_main
+from .config import BUDGET_SIZES as SIZES, parse_budget  # noqa: F401  (the budget's names, kept here)
 from .errors import RunError
 from .learner import kept_state
+from .run_folder import update_config
 
-SIZES = (16, 24, 32, 48, 64)  # the training sizes a budget chooses from
+if TYPE_CHECKING:
+    from .config import RunConfig
+
+
 # Provisional, until the full-data measurements of issue #29 (docs/BENCHMARKS.md) replace it: the largest size
 # that affords this many epochs. It gives 64 px to a 30-epoch GPU budget and 32 px to 2 hours on the 2-core CPU
 # (about 9 epochs there), as the one full-data epoch measured at 32 px (709 s, 19.2% top-1) suggests.
@@ -48,20 +55,6 @@ class BudgetTooSmall(RunError):
     """The budget cannot buy one epoch: the message names the smallest budget that can. Exit code 2, as a flag
     out of its range."""
     exit_code = 2
-
-
-def parse_budget(budget: str | float | int) -> float:
-    """Seconds, from `90m`, `1.5h`, `300s` or a plain number of seconds."""
-    if isinstance(budget, (int, float)):
-        seconds = float(budget)
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(budget).lower())
-        if not m:
-            raise RunError(f"--budget takes a time such as 90m, 1.5h or 300s, not {budget!r}")
-        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-    if not seconds > 0:
-        raise RunError(f"--budget must be above zero, not {budget!r}")
-    return seconds
 
 
 def format_seconds(seconds: float) -> str:
@@ -283,3 +276,54 @@ def plan_run(learn: Learner, size: int, spent_s: float, lr: float, budget_s: flo
     start = time.time()
     timing = measure(learn, lr)
     return plan_epochs(budget_s, spent_s + time.time() - start, timing, size, cost_of_epoch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The budget's place in a run (`tinyfast.train.fit`)
+# ---------------------------------------------------------------------------------------------------------
+def apply_budget(learn: Learner, config: RunConfig, state: dict, run_dir: Path, start: dict | None, called: float,
+                 quiet: bool, cost: Callable[[int], list[float]] | None = None) -> tuple[float, RunConfig]:
+    """A new budgeted run: measured and planned on rank 0 (its epochs and epoch share into config.json, its plan
+    line printed); a resumed one goes on with its plan. The training set's epoch share applied; returns the
+    deadline (wall clock) the budget sets, and the configuration with the planned epochs. cost: each epoch's step
+    cost relative to one at the run's size, for a plan of n epochs (progressive resizing: the first are cheaper)."""
+    budget_s = parse_budget(config.budget)
+    if start is None:
+        lr = float(state["lr_picked"] or config.lr)
+        plan = on_main(plan_run, learn, config.size, time.time() - called, lr, budget_s, cost)
+        config, state["budget_plan"] = config.replace(epochs=plan.n_epoch), plan.as_dict()
+        on_main(update_config, run_dir, args=config.as_dict() | state)
+        if is_main_process():
+            print(plan.line(str(config.budget)))
+        used = 0.0
+    else:  # what the budget already paid for: set-up, and the epochs done
+        used = budget_used_before(state, start)
+        if is_main_process() and not quiet:
+            print(f"budget {config.budget}: ~{format_seconds(budget_s - used)} left; the plan goes on "
+                  f"({config.epochs} epochs of {state['budget_plan']['epoch_share']:.0%} of the training set)")
+    learn.dls.train.epoch_share = state["budget_plan"]["epoch_share"]
+    return called + budget_s - used, config
+
+
+def budget_used_before(state: dict, start: dict) -> float:
+    """What a resumed budget run had spent in its earlier sessions: its set-up, and the epochs done."""
+    return state["budget_plan"]["spent_s"] + (start["rows"][-1]["elapsed"] if start["rows"] else 0.0)
+
+
+@contextmanager
+def no_folder_if_budget_too_small(run_dir: Path, new: bool) -> Iterator[None]:
+    """A budget found too small leaves no folder behind: a new one holds nothing worth keeping yet."""
+    try:
+        yield
+    except BudgetTooSmall:
+        if new and is_main_process():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def record_budget_outcome(run_dir: Path, config: RunConfig, state: dict, start: dict | None, called: float) -> None:
+    """config.json's "budget": the plan's budget, and the wall time the run took (all its sessions)."""
+    wall = (0.0 if start is None else budget_used_before(state, start)) + time.time() - called
+    budget_s = parse_budget(config.budget)
+    update_config(run_dir, budget={"budget_s": budget_s, "wall_s": round(wall, 1),
+                                    "share_of_budget": round(wall / budget_s, 4), "plan": state["budget_plan"]})

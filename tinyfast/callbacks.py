@@ -35,6 +35,7 @@ import random
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -51,7 +52,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from .budget import format_seconds
 from .distributed import all_ranks_min, is_main_process, unwrap_model
-from .errors import NonFiniteLoss
+from .errors import NonFiniteLoss, RunError
 from .learner import kept_modes
 from .run_folder import save_checkpoint, save_model, write_metrics
 
@@ -278,6 +279,14 @@ class EMA(Callback):
     def checkpoint_state(self) -> dict:
         """The averaged model with its update count, for a resume."""
         return self.averaged.state_dict()
+
+
+def progressive_costs(size: int, start: int) -> Callable[[int], list[float]] | None:
+    """For `--budget` with `--progressive start`: each epoch's step cost relative to one at `size`, for a plan of n
+    epochs (a step costs as its pixels); None without progressive resizing."""
+    if not start:
+        return None
+    return lambda n: [(s / size) ** 2 for s in progressive_sizes(size, n, start)]
 
 
 def progressive_sizes(size: int, epochs: int, start: int, until: float = 0.5, step: int = 8) -> list[int]:
@@ -521,6 +530,15 @@ def wandb_callback(start_epoch: int) -> Callback:
     cb = Wandb(log_preds=False, log_model=False)
     cb.start_epoch = start_epoch
     return cb
+
+
+def check_tracker(log: str) -> None:
+    """Before any folder is made: a tracker whose package is missing is one line, not an ImportError mid-run."""
+    import importlib.util
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(log)
+    if package and importlib.util.find_spec(package) is None:
+        raise RunError(f"--log {log} needs the {package} package: pip install {package} (metrics.csv is written "
+                       f"without it, with --log csv)")
 
 
 def tracker_callbacks(args: dict, run_dir: Path, start: dict | None = None, quiet: bool = False) -> list:

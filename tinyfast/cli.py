@@ -148,7 +148,7 @@ def _config_parameter(f) -> inspect.Parameter:
 def fit_cmd(ctx: typer.Context, out: Optional[Path], resume: bool, quiet: bool, **options):
     """Train the ResNet18 and write a run folder (metrics, curves, model, learner.pkl, the exact command)."""
     check_ranges(options)
-    from tinyfast.budget import parse_budget
+    from tinyfast.config import parse_budget
     from tinyfast.errors import RunError
     from tinyfast.train import fit
     options = {k: (v.value if isinstance(v, Enum) else v) for k, v in options.items()}

@@ -8,16 +8,18 @@ value is one RunError line naming the flag, raised when the object is made, befo
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .choices import MODES, PRECISIONS, SCHEDULES, STEMS, TRACKERS
 from .errors import RunError
 
-__all__ = ["RunConfig", "option", "OPTION_GROUPS", "DEFAULT_SIZE", "in_range", "describe_range",
+__all__ = ["RunConfig", "option", "OPTION_GROUPS", "DEFAULT_SIZE", "BUDGET_SIZES", "parse_budget", "in_range", "describe_range",
            "resume_changes"]
 
-DEFAULT_SIZE = 64  # the size of a run given neither --size nor --budget
+DEFAULT_SIZE = 64                   # the size of a run given neither --size nor --budget
+BUDGET_SIZES = (16, 24, 32, 48, 64)  # the training sizes a budget chooses from (tinyfast.budget)
 DATA_HELP = "a tiny-imagenet-200 folder or its zip [default: $TINYFAST_DATA or data/tiny-imagenet-200]"
 OPTION_GROUPS = ("data", "model", "optimizer", "lr test", "levers", "runtime")
 
@@ -91,9 +93,8 @@ class RunConfig:
             raise RunError("--mixup and --cutmix are alternatives: give one of them, not both")
         size = self.size or DEFAULT_SIZE
         if self.budget is not None:
-            from .budget import SIZES, parse_budget  # imported only for a budget: it needs torch
             parse_budget(self.budget)  # a bad budget is one line too
-            size = self.size or min(SIZES)
+            size = self.size or min(BUDGET_SIZES)
             if self.schedule != "one-cycle":
                 raise RunError("--budget plans a one-cycle schedule: drop --schedule plateau, or give --epochs instead")
         if self.progressive and not 0 < self.progressive <= size:
@@ -129,6 +130,20 @@ class RunConfig:
     @classmethod
     def options(cls) -> tuple[dataclasses.Field, ...]:
         return dataclasses.fields(cls)
+
+
+def parse_budget(budget: str | float | int) -> float:
+    """Seconds, from `90m`, `1.5h`, `300s` or a plain number of seconds."""
+    if isinstance(budget, (int, float)):
+        seconds = float(budget)
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(budget).lower())
+        if not m:
+            raise RunError(f"--budget takes a time such as 90m, 1.5h or 300s, not {budget!r}")
+        seconds = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if not seconds > 0:
+        raise RunError(f"--budget must be above zero, not {budget!r}")
+    return seconds
 
 
 def in_range(value: float, interval: str) -> bool:

@@ -37,7 +37,7 @@ from .layout import (CONFUSION, CONFUSION_FULL, EVALUATION, MOST_CONFUSED, PER_C
                      atomic_write, atomic_write_text, save_figure)
 
 __all__ = [
-    "ValPredictions", "FlipInput", "predict_valid", "evaluation_summary", "per_class_table", "confusion_matrix",
+    "ValPredictions", "FlipInput", "predict_valid", "tta_accuracy", "evaluation_summary", "per_class_table", "confusion_matrix",
     "most_confused", "interpretation_from_predictions", "plot_top_losses", "plot_confusion",
     "plot_full_confusion", "evaluate", "interpret",
 ]
@@ -139,6 +139,15 @@ def predict_valid(learn: Learner, tta: bool = False, dl=None) -> ValPredictions:
 # ---------------------------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------------------------
+def tta_accuracy(learn: Learner) -> dict:
+    """Top-1 and top-5 of fastai's `tta` on the validation set: the mean of 4 augmented passes (the
+    training split's transforms), blended with the plain pass (beta 0.25)."""
+    from .learner import top5
+    with learn.no_bar(), learn.no_logging():
+        probs, targs = learn.tta(dl=learn.dls.valid)
+    return {"accuracy": float((probs.argmax(1) == targs).float().mean()), "top5": float(top5(probs, targs))}
+
+
 def evaluation_summary(p: ValPredictions) -> dict:
     """The headline numbers, JSON-ready."""
     return {"accuracy": p.accuracy, "top5": p.top5, "loss": p.loss, "n": len(p), "n_classes": p.n_classes,

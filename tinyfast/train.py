@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import random
 import shlex
-import shutil
 import signal
 import sys
 import threading
@@ -19,7 +18,6 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,19 +26,20 @@ from fastai.learner import Learner
 from fastcore.xtras import ContextManagers
 from fastai.torch_core import set_seed
 
-from .budget import BudgetTooSmall, budget_size, format_seconds, parse_budget, plan_run
+from .budget import apply_budget, budget_size, no_folder_if_budget_too_small, record_budget_outcome
 from .callbacks import (SYNC_EVERY, Plateau, RunLogger, SmoothLossOnDevice, StopOnNaN, TimeLeft,  # noqa: F401
-                        lever_callbacks, progressive_sizes, tracker_callbacks)
+                        check_tracker, lever_callbacks, progressive_costs, tracker_callbacks)
 from .config import DEFAULT_SIZE, RunConfig, resume_changes
 from .data import tiny_imagenet_dls
 from .doctor import check_device, versions
 from .errors import NonFiniteLoss, RunError, RunInterrupted, one_line
+from .interpret import tta_accuracy
 from .distributed import (distributed_context, is_main_process, main_process_first, on_main,
                           setup_distributed, unwrap_model, world_size)
 from .learner import CompileModel, FastDevice, optimizer_state_to_params, tiny_learner
 from .layout import CHECKPOINT, CONFIG, INTERRUPTED, LEARNER, LR_FIND_PNG, MODEL, SUMMARY, TTA, atomic_save, atomic_write, atomic_write_text
 from .run_folder import (METRIC_COLUMNS, dataset_info, latest_run, new_run_dir, read_checkpoint, read_config,  # noqa: F401
-                         read_metrics, read_model, update_config, write_config, write_plots)
+                         read_metrics, read_model, write_config, write_plots)
 from .runlog import run_log
 
 # ---------------------------------------------------------------------------------------------------------
@@ -74,7 +73,7 @@ def fit(config: RunConfig | Path | str | None = None, *, out: Path | str | None 
         options = {"data": config, **options} if config is not None else options
         config = None
     config = RunConfig.make(config, **options)
-    _check_tracker(config.log)
+    check_tracker(config.log)
     args = config.as_dict()
     check_device()  # a GPU this torch has no kernels for: one line, before any folder
     command = command or shlex.join([Path(sys.executable).name] + sys.argv)
@@ -91,7 +90,7 @@ def fit(config: RunConfig | Path | str | None = None, *, out: Path | str | None 
             print(resumed_with)
         set_seed(config.seed)
         if config.size is None:  # the budget's choice, or the default
-            with _no_folder_if_budget_too_small(run_dir, new=start is None):
+            with no_folder_if_budget_too_small(run_dir, new=start is None):
                 config = config.replace(size=on_main(budget_size, config, time.time() - called)
                                         if config.budget is not None else DEFAULT_SIZE)
         with main_process_first():  # rank 0 decodes the image cache, the others reuse it
@@ -103,8 +102,9 @@ def fit(config: RunConfig | Path | str | None = None, *, out: Path | str | None 
         learn.path, learn.model_dir = run_dir, "."
         if start is None:  # rank 0 writes the files and picks the LR; the others take its LR
             state["lr_picked"] = on_main(_start_run, learn, run_dir, config, command, world_size(), quiet)
-        with _no_folder_if_budget_too_small(run_dir, new=start is None):
-            deadline, config = (_apply_budget(learn, config, state, run_dir, start, called, quiet)
+        with no_folder_if_budget_too_small(run_dir, new=start is None):
+            deadline, config = (apply_budget(learn, config, state, run_dir, start, called, quiet,
+                                             progressive_costs(config.size, config.progressive))
                                 if config.budget is not None else (None, config))
         logger = RunLogger(run_dir, start)
         run_cbs = ([logger, StopOnNaN(), SmoothLossOnDevice(1 if config.log != "csv" else SYNC_EVERY),
@@ -151,7 +151,7 @@ def fit(config: RunConfig | Path | str | None = None, *, out: Path | str | None 
             # fastai's export writes to learn.path / the name given: absolute, or a relative --out is joined twice
             atomic_write(run_dir / LEARNER, lambda tmp: learn.export(Path(tmp).absolute()))
             if config.budget is not None:
-                _record_budget_outcome(run_dir, config, state, start, called)
+                record_budget_outcome(run_dir, config, state, start, called)
             if config.log == "wandb":
                 import wandb
                 wandb.finish()
@@ -216,56 +216,6 @@ def _start_run(learn: Learner, run_dir: Path, config: RunConfig, command: str, p
     return result.suggested_lr
 
 
-def _apply_budget(learn: Learner, config: RunConfig, state: dict, run_dir: Path, start: dict | None, called: float,
-                  quiet: bool) -> tuple[float, RunConfig]:
-    """A new budgeted run: measured and planned on rank 0 (its epochs and epoch share into config.json, its plan
-    line printed); a resumed one goes on with its plan. The training set's epoch share applied; returns the
-    deadline (wall clock) the budget sets, and the configuration with the planned epochs."""
-    budget_s = parse_budget(config.budget)
-    if start is None:
-        cost = None
-        if config.progressive:  # the first epochs are at smaller sizes: cheaper
-            cost = lambda n: [(s / config.size) ** 2 for s in progressive_sizes(config.size, n, config.progressive)]  # noqa: E731
-        lr = float(state["lr_picked"] or config.lr)
-        plan = on_main(plan_run, learn, config.size, time.time() - called, lr, budget_s, cost)
-        config, state["budget_plan"] = config.replace(epochs=plan.n_epoch), plan.as_dict()
-        on_main(update_config, run_dir, args=config.as_dict() | state)
-        if is_main_process():
-            print(plan.line(str(config.budget)))
-        used = 0.0
-    else:  # what the budget already paid for: set-up, and the epochs done
-        used = _budget_used_before(state, start)
-        if is_main_process() and not quiet:
-            print(f"budget {config.budget}: ~{format_seconds(budget_s - used)} left; the plan goes on "
-                  f"({config.epochs} epochs of {state['budget_plan']['epoch_share']:.0%} of the training set)")
-    learn.dls.train.epoch_share = state["budget_plan"]["epoch_share"]
-    return called + budget_s - used, config
-
-
-def _budget_used_before(state: dict, start: dict) -> float:
-    """What a resumed budget run had spent in its earlier sessions: its set-up, and the epochs done."""
-    return state["budget_plan"]["spent_s"] + (start["rows"][-1]["elapsed"] if start["rows"] else 0.0)
-
-
-@contextmanager
-def _no_folder_if_budget_too_small(run_dir: Path, new: bool) -> Iterator[None]:
-    """A budget found too small leaves no folder behind: a new one holds nothing worth keeping yet."""
-    try:
-        yield
-    except BudgetTooSmall:
-        if new and is_main_process():
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-
-
-def _record_budget_outcome(run_dir: Path, config: RunConfig, state: dict, start: dict | None, called: float) -> None:
-    """config.json's "budget": the plan's budget, and the wall time the run took (all its sessions)."""
-    wall = (0.0 if start is None else _budget_used_before(state, start)) + time.time() - called
-    budget_s = parse_budget(config.budget)
-    update_config(run_dir, budget={"budget_s": budget_s, "wall_s": round(wall, 1),
-                                    "share_of_budget": round(wall / budget_s, 4), "plan": state["budget_plan"]})
-
-
 def _load_checkpoint(learn: Learner, start: dict) -> int:
     """The model, optimizer and every random state of the checkpoint `start`; returns the epochs it had done.
     The checkpoint was read onto the CPU: the model goes to the training device first, and the optimizer's state
@@ -292,24 +242,6 @@ def _score_with_tta(learn: Learner, run_dir: Path, best: float, quiet: bool) -> 
         if not quiet:
             print(f"with TTA: top-1 {scores['accuracy']:.4f} (without: {best:.4f}), top-5 {scores['top5']:.4f}")
     return scores
-
-
-def _check_tracker(log: str) -> None:
-    """Before any folder is made: a tracker whose package is missing is one line, not an ImportError mid-run."""
-    import importlib.util
-    package = {"tensorboard": "tensorboard", "wandb": "wandb"}.get(log)
-    if package and importlib.util.find_spec(package) is None:
-        raise RunError(f"--log {log} needs the {package} package: pip install {package} (metrics.csv is written "
-                       f"without it, with --log csv)")
-
-
-def tta_accuracy(learn: Learner) -> dict:
-    """Top-1 and top-5 of fastai's `tta` on the validation set: the mean of 4 augmented passes (the
-    training split's transforms), blended with the plain pass (beta 0.25)."""
-    from .learner import top5
-    with learn.no_bar(), learn.no_logging():
-        probs, targs = learn.tta(dl=learn.dls.valid)
-    return {"accuracy": float((probs.argmax(1) == targs).float().mean()), "top5": float(top5(probs, targs))}
 
 
 @contextmanager
