@@ -32,6 +32,13 @@ def test_every_option_is_a_fit_flag_with_its_default_and_help_and_nothing_else_i
         assert default == (str(f.default) if name == "lr" else f.default), name  # choices: test_cli
 
 
+def test_every_option_has_a_group_and_a_help_and_the_shared_defaults_are_its():
+    from tinyfast.config import OPTION_GROUPS
+    from tinyfast.lr_range import HELD_OUT_BATCHES
+    assert all(f.metadata["group"] in OPTION_GROUPS and f.metadata["help"] for f in RunConfig.options())
+    assert HELD_OUT_BATCHES == RunConfig().lr_val_batches
+
+
 def test_a_bad_value_is_one_line_naming_the_flag():
     cases = {"epochs": (0, "--epochs must be >= 1, not 0"), "schedule": ("cosine", "--schedule must be one of "
              "one-cycle, plateau, not 'cosine'"), "mom": (1.0, "--mom must be in [0, 1), not 1.0"),

@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from tinyfast.choices import CAM_METHOD_NAMES, FORMATS, MODES, PRECISIONS, STEMS
-from tinyfast.config import DATA_HELP, RunConfig, describe_range, in_range
+from tinyfast.config import DATA_HELP, DEFAULT_SIZE, RunConfig, describe_range, in_range
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and understand a ResNet18 on TinyImageNet with fastai.")
@@ -201,18 +201,18 @@ def _float(text: str, flag: str) -> float:
 # ---------------------------------------------------------------------------------------------------------
 @app.command("find-lr")
 def find_lr_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
-                bs: int = typer.Option(256, help="batch size"),
-                mode: Mode = typer.Option(Mode.smith, help="smith (fit --lr auto's): linear sweep on a fixed held-out loss; fastai: exponential sweep on training loss"),
-                num_it: int = typer.Option(100, help="iterations of the sweep"),
+                bs: int = typer.Option(RunConfig.default("bs"), help="batch size"),
+                mode: Mode = typer.Option(Mode(RunConfig.default("lr_mode")), help="smith (fit --lr auto's): linear sweep on a fixed held-out loss; fastai: exponential sweep on training loss"),
+                num_it: int = typer.Option(RunConfig.default("lr_num_it"), help="iterations of the sweep"),
                 start_lr: Optional[float] = typer.Option(None, help="first LR [default: 1e-7 fastai, 1e-3 smith]"),
                 end_lr: Optional[float] = typer.Option(None, help="last LR [default: 10 fastai, 1.0 smith]"),
                 out: Path = typer.Option(Path("lr_find"), help="folder for lr_find.png and lr_find.json (a run folder works)"),
-                size: int = typer.Option(64, help="input size in pixels"),
-                stem: Stem = typer.Option(Stem.cifar, help="model stem, as for fit"),
-                precision: Precision = typer.Option(Precision.auto, help="as for fit"),
+                size: int = typer.Option(DEFAULT_SIZE, help="input size in pixels"),
+                stem: Stem = typer.Option(Stem(RunConfig.default("stem")), help="model stem, as for fit"),
+                precision: Precision = typer.Option(Precision(RunConfig.default("precision")), help="as for fit"),
                 classes: Optional[int] = typer.Option(None, help="the first N classes only"),
                 train_per_class: Optional[int] = typer.Option(None, help="the first M training images of each class"),
-                val_batches: int = typer.Option(2, help="smith: validation batches measured after each step (as fit --lr auto)")):
+                val_batches: int = typer.Option(RunConfig.default("lr_val_batches"), help="smith: validation batches measured after each step (as fit --lr auto)")):
     """Run an LR range test on a fresh model; print and save the suggested learning rate."""
     check_ranges(locals())
     from tinyfast.lr_range_report import find_lr

@@ -131,6 +131,11 @@ class RunConfig:
     def options(cls) -> tuple[dataclasses.Field, ...]:
         return dataclasses.fields(cls)
 
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """One option's default: for the functions that share it (`find_lr`, `find-lr`)."""
+        return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
 
 def parse_budget(budget: str | float | int) -> float:
     """Seconds, from `90m`, `1.5h`, `300s` or a plain number of seconds."""

@@ -29,13 +29,14 @@ from fastai.learner import Learner
 
 from .callbacks import SmithLRFinder, StopOnNaN
 from .choices import MODES
+from .config import RunConfig
 from .learner import kept_state
 
 DEFAULT_RANGE = {"fastai": (1e-7, 10.0), "smith": (1e-3, 1.0)}
 MIN_RELIABLE_POINTS = 20   # below this many points on the curve, no rule is trustworthy: warn
 SMITH_RISE = 0.10          # Smith rule: the curve "rises" once it is 10% of its descent above its minimum
 SMITH_FLOOR = 0.05         # ... or 5% of the minimum loss, whichever is more: on a flat curve, noise is no rise
-HELD_OUT_BATCHES = 2       # validation batches Smith's test measures after each step: `fit --lr auto`, `find-lr`
+HELD_OUT_BATCHES = RunConfig.default("lr_val_batches")  # batches Smith's test measures after each step
 MAX_ZOOMS = 4              # a Smith sweep that diverges within its first quarter is rerun up to where it did
 FASTAI_RULES = {           # in order of preference: the first one that gives a usable LR is the suggestion
     "valley": (valley, "middle of the longest descending stretch of the training loss (fastai's default)"),
