@@ -17,7 +17,8 @@ from PIL import Image
 
 pytest.importorskip("gradio", reason="the app's extra is not installed: pip install 'tinyfast[app]'")
 
-from tinyfast.app import RunApp  # noqa: E402
+from tinyfast.app import RunApp, serve  # noqa: E402
+from tinyfast.errors import RunError  # noqa: E402
 from tinyfast.interpret import most_confused, predict_valid  # noqa: E402
 from tinyfast.predict import predict_images  # noqa: E402
 from tinyfast.train import fit, load_run  # noqa: E402
@@ -112,16 +113,14 @@ def test_without_gradio_the_cli_says_which_extra_in_one_line(run_dir):
                                    "pip install 'tinyfast[app]' (or pip install gradio)")
 
 
-def test_a_port_in_use_is_one_line_before_the_run_loads(run_dir):
+def test_a_port_in_use_is_one_line_before_the_run_loads(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, str(REPO / "main.py"), "app", str(run_dir), "--port", str(port)],
-                              capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert proc.stderr.strip().splitlines()[-1] == (f"error: cannot listen on 127.0.0.1:{port} (Address already in "
-                                                    f"use): choose another --port or --host")
+        with pytest.raises(RunError) as e:
+            serve(tmp_path / "not-even-a-run", port=port)  # refused before the run is read
+    assert str(e.value) == f"cannot listen on 127.0.0.1:{port} (Address already in use): choose another --port or --host"
 
 
 # ---------------------------------------------------------------------------------------------------------
