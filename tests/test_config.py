@@ -62,6 +62,8 @@ def test_it_is_frozen_and_round_trips_through_json():
         config.epochs = 6
     assert RunConfig.from_dict(json.loads(json.dumps(config.as_dict()))) == config
     assert config.replace(epochs=6).epochs == 6 and config.epochs == 5
+    from pathlib import Path
+    assert RunConfig(data=Path("data") / "x").data == str(Path("data") / "x")  # JSON-ready
 
 
 def test_an_older_folders_args_load_with_the_defaults_of_what_it_lacks():

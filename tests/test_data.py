@@ -135,9 +135,14 @@ def test_default_policy_without_cutout_never_fills_a_hole():
     assert all(np.array_equal(aug(image=flat)["image"], flat) for _ in range(20))
 
 
-def test_fast_path_equals_fastai_pipeline(dls):
-    """The cached batch path must give what fastai's own per-item pipeline gives (valid: no randomness)."""
+def test_fast_path_equals_fastai_pipeline(dls, monkeypatch):
+    """The cached batch path must give what fastai's own per-item pipeline gives (valid: no randomness), and it
+    reads the cache with `DecodedImages.read`."""
+    reads = []
+    real = DecodedImages.read
+    monkeypatch.setattr(DecodedImages, "read", lambda self, rows: reads.append(len(rows)) or real(self, rows))
     fast = dls.valid.one_batch()
+    assert reads == [len(fast[0])]
     items = [dls.valid_ds[i] for i in range(8)]
     slow = dls.valid.after_batch(dls.valid.do_batch([dls.valid.after_item(it) for it in items]))
     assert torch.equal(fast[1].cpu(), slow[1].cpu())
@@ -162,6 +167,24 @@ def test_cache_is_reused_and_atomic(tiny_root, tmp_path):
     assert np.array_equal(d2.images, d.images) and d2.file.stat().st_mtime_ns == mtime
     assert not list(tmp_path.glob(".*.tmp"))
     assert DecodedImages(files[:4], 32, tmp_path).file != d.file  # another subset, another cache
+
+
+def test_batches_are_read_from_the_cache_not_through_its_map(tiny_root, tmp_path, monkeypatch):
+    """`read` gives the map's rows exactly, by pread (the map's pages stay out of RSS), in any order and with
+    repeats; the loader's batches come through it; a cache cut short under a reader is one line."""
+    import os
+    files = sorted((tiny_root / "train").rglob("*.JPEG"))[:20]
+    d = DecodedImages(files, 32, tmp_path)
+    rows = np.array([7, 3, 3, 19, 0])
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda *a: calls.append(a[2]) or real(*a))
+    assert np.array_equal(d.read(rows), d.images[rows]) and len(calls) == len(rows)
+    monkeypatch.setattr(os, "preadv", real)
+    with open(d.file, "r+b") as f:
+        f.truncate(d.file.stat().st_size - 100)
+    with pytest.raises(DatasetError, match="ends before row 19"):
+        d.read(np.array([19]))
 
 
 def test_corrupt_jpeg_is_reported_by_path(tiny_root, tmp_path):

@@ -87,6 +87,8 @@ class RunConfig:
                            "compiler)", "runtime", flags=("--compile",))
 
     def __post_init__(self):
+        if self.data is not None and not isinstance(self.data, str):  # a Path: kept as the text config.json holds
+            object.__setattr__(self, "data", str(self.data))
         for f in dataclasses.fields(self):
             _check_option(f, getattr(self, f.name))
         if self.mixup > 0 and self.cutmix > 0:
@@ -124,7 +126,6 @@ class RunConfig:
         if unknown:
             raise TypeError(f"unexpected option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; the options "
                             f"are RunConfig's fields: {', '.join(sorted(names))}")
-        overrides = {k: (str(v) if k == "data" and v is not None else v) for k, v in overrides.items()}
         return (base or cls()).replace(**overrides)
 
     @classmethod
