@@ -145,18 +145,21 @@ def classic_fit(root: Path | str, epochs: int = 8, lr: float = 0.05, bs: int = 6
                 momentum: float = 0.9, nesterov: bool = True, pct_start: float = 0.25, precision: str = "bf16",
                 device: str | None = None) -> list[dict]:
     """Train the classic recipe; a row per epoch: val top-1 counted against val_annotations.txt, train loss,
-    cumulative training seconds (validation excluded)."""
+    cumulative training seconds (validation excluded), and cumulative validation seconds and the decode's seconds
+    (for fitting its epochs to a wall-clock budget, benchmarks/head_to_head.py)."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     np.random.seed(seed)
+    decode_start = time.perf_counter()
     wnids, train_items, val_items = read_split(root, classes, train_per_class)
     train = ArrayDataset(*decode(train_items, size), classic_transforms(size, True, seed))
     val = ArrayDataset(*decode(val_items, size), classic_transforms(size, False, seed))
     train_dl = torch.utils.data.DataLoader(train, bs, shuffle=True, drop_last=True,
                                            generator=torch.Generator().manual_seed(seed))
     val_dl = torch.utils.data.DataLoader(val, 2 * bs)
+    decode_seconds = time.perf_counter() - decode_start
 
     model = ClassicResNet18(len(wnids)).to(device)
     if precision == "bf16":
@@ -166,7 +169,7 @@ def classic_fit(root: Path | str, epochs: int = 8, lr: float = 0.05, bs: int = 6
                                                 pct_start=pct_start)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"))
     memory = torch.channels_last if precision == "bf16" else torch.contiguous_format
-    rows, seconds = [], 0.0
+    rows, seconds, valid_seconds = [], 0.0, 0.0
     for epoch in range(epochs):
         model.train()
         start, losses = time.perf_counter(), []
@@ -183,11 +186,14 @@ def classic_fit(root: Path | str, epochs: int = 8, lr: float = 0.05, bs: int = 6
         seconds += time.perf_counter() - start
         model.eval()
         correct = total = 0
+        valid_start = time.perf_counter()
         with torch.no_grad(), autocast():
             for xb, yb in val_dl:
                 pred = model(xb.to(device).contiguous(memory_format=memory)).argmax(1).cpu()
                 correct += int((pred == yb).sum())
                 total += len(yb)
+        valid_seconds += time.perf_counter() - valid_start
         rows.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "accuracy": correct / total,
-                     "seconds": round(seconds, 2)})
+                     "seconds": round(seconds, 2), "valid_seconds": round(valid_seconds, 2),
+                     "decode_seconds": round(decode_seconds, 2)})
     return rows

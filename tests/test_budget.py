@@ -4,13 +4,16 @@ its budget is measured by benchmarks/budget.py, not here."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastai.callback.core import Callback
 from typer.testing import CliRunner
 
 import tinyfast.budget as B
-from tinyfast.budget import BudgetTooSmall, Timing, choose_size, format_seconds, parse_budget, plan_epochs
+from tinyfast.budget import (BudgetTooSmall, Timing, choose_size, format_seconds, paced_share, parse_budget,
+                             plan_epochs)
+from tinyfast.callbacks import BudgetPace
 from tinyfast.cli import app
 from tinyfast.errors import RunError, RunInterrupted
 from tinyfast.train import fit, read_metrics
@@ -97,6 +100,32 @@ def fixed_timing(monkeypatch):
     monkeypatch.setattr(B, "measure", measure)
 
 
+class PlanClock(Callback):
+    """The clock `BudgetPace` keeps the deadline by, running at `pace` times the plan of `fixed_timing` (1 s a
+    training batch, 0.2 s a validation batch, 1 s a checkpoint), from the real time it was made at: the real
+    time of tiny data, which a loaded machine stretches, does not count."""
+    def __init__(self, pace: float = 1.0):
+        self.pace, self.start, self.offset = pace, time.time(), 0.0
+
+    def now(self) -> float:
+        return self.start + self.offset
+
+    def after_batch(self):
+        self.offset += self.pace * (1.0 if self.training else 0.2)
+
+    def after_validate(self):
+        self.offset += self.pace * 1.0
+
+
+@pytest.fixture
+def plan_clock(monkeypatch):
+    def at(pace: float = 1.0) -> PlanClock:
+        clock = PlanClock(pace)
+        monkeypatch.setattr(BudgetPace, "clock", clock.now)
+        return clock
+    return at
+
+
 class CountBatches(Callback):
     def before_fit(self):
         self.per_epoch = []
@@ -109,19 +138,82 @@ class CountBatches(Callback):
             self.per_epoch[-1] += 1
 
 
-def test_a_budgeted_run_plans_trains_the_plan_and_records_it(tiny_root, tmp_path, fixed_timing, capsys):
-    counter = CountBatches()
-    result = fit(tiny_root, lr=0.05, size=16, budget="100s", out=tmp_path / "run", cbs=[counter], **SMALL)
+def test_a_budgeted_run_plans_trains_the_plan_and_records_it(tiny_root, tmp_path, fixed_timing, plan_clock):
+    counter, clock = CountBatches(), plan_clock(1.0)
+    result = fit(tiny_root, lr=0.05, size=16, budget="40s", out=tmp_path / "run", cbs=[counter, clock], **SMALL)
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     plan = config["args"]["budget_plan"]
     assert config["args"]["epochs"] == plan["n_epoch"] == len(read_metrics(tmp_path / "run")) == len(counter.per_epoch)
-    # tiny_root: 96 training images, bs 8 -> 12 batches a full epoch; each epoch trains on its share
-    assert counter.per_epoch == [round(96 * plan["epoch_share"]) // 8] * plan["n_epoch"]
+    # tiny_root: 96 training images, bs 8 -> 12 batches a full epoch; each epoch trains on its share, which the
+    # pacing keeps where the plan put it when time passes as planned
+    planned = round(96 * plan["epoch_share"]) // 8
+    assert all(abs(n - planned) <= 1 for n in counter.per_epoch), (counter.per_epoch, planned)
     assert 0 < plan["epoch_share"] <= 1 and plan["epochs"] == pytest.approx(plan["n_epoch"] * plan["epoch_share"], abs=1e-3)
-    lrs = result.learn.recorder.lrs  # the one-cycle schedule ran to its end (lr_max / div_final)
-    assert lrs[-1] < 0.05 / 1000 and max(lrs) == pytest.approx(0.05, rel=0.05)
+    lrs = result.learn.recorder.lrs  # the one-cycle schedule ran to its end
+    assert result.learn.pct_train == pytest.approx(1.0) and lrs[-1] == min(lrs[len(lrs) // 2:])
+    assert max(lrs) == pytest.approx(0.05, rel=0.05)
     outcome = config["budget"]
-    assert outcome["budget_s"] == 100 and outcome["wall_s"] > 0 and outcome["plan"] == plan
+    assert outcome["budget_s"] == 40 and outcome["wall_s"] > 0 and outcome["plan"] == plan
+    assert len(outcome["epoch_shares"]) == plan["n_epoch"] and outcome["stopped_early"] == {}
+
+
+def test_the_pace_is_the_plans_arithmetic_with_the_time_left():
+    # 3 epochs to go, 100 s an epoch of the whole set, 5 s of validation and checkpoint each: 165 s left buys half
+    assert paced_share(165.0, [1.0, 1.0, 1.0], 100.0, 5.0) == pytest.approx(0.5)
+    assert paced_share(165.0, [0.25, 0.5, 1.0], 100.0, 5.0) == pytest.approx(150 / 175)  # progressive: cheaper epochs
+    assert paced_share(1e6, [1.0], 100.0, 5.0) == 1.0  # never more than the whole set
+    assert paced_share(-50.0, [1.0], 100.0, 5.0) == B.MIN_SHARE  # behind: a sliver, each epoch still validated
+
+
+def _slow_run(tmp_path, pace, plan_clock, **options):
+    counter, clock = CountBatches(), plan_clock(pace)
+    start = clock.now()
+    result = fit(tiny_root_path[0], lr=0.05, size=16, budget="40s", out=tmp_path / "run", cbs=[counter, clock],
+                 **SMALL, **options)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    return result, counter, config, clock.now() - start
+
+
+tiny_root_path = []
+
+
+@pytest.fixture
+def tiny(tiny_root):
+    tiny_root_path[:] = [tiny_root]
+
+
+@pytest.mark.parametrize("pace", [1.3, 2.5])
+def test_a_run_slower_than_its_plan_trains_less_and_ends_by_its_deadline(tiny, tmp_path, fixed_timing, plan_clock, pace):
+    """The plan's throwaway batches said 1 s a batch; the run takes `pace` s. The epochs after the first train on
+    less, an epoch stops early if it must, and the run, by the clock it kept, ends by its budget with its
+    one-cycle schedule complete."""
+    result, counter, config, took = _slow_run(tmp_path, pace, plan_clock)
+    plan, outcome = config["args"]["budget_plan"], config["budget"]
+    first = round(96 * outcome["epoch_shares"][0]) // 8  # the planned share's batches
+    assert counter.per_epoch[0] == outcome["stopped_early"].get("1", first) <= first
+    assert max(counter.per_epoch[1:]) < first, (counter.per_epoch, outcome)
+    # within the budget (less its reserve for the end), by the clock the run kept, to a batch; and used
+    assert 0.85 * (40 - plan["spent_s"] - plan["reserve_s"]) <= took <= 40 - plan["reserve_s"] + pace, (took, outcome)
+    assert result.learn.pct_train == pytest.approx(1.0) and len(result.learn.recorder.lrs) == sum(counter.per_epoch)
+    assert len(read_metrics(tmp_path / "run")) == plan["n_epoch"]
+
+
+def test_an_epoch_stops_early_with_its_schedule_complete(tiny, tmp_path, fixed_timing, plan_clock):
+    """Far behind (4x the planned step time), the shares alone cannot save the deadline: the first epoch stops at
+    the batch that leaves the others their time, and the one-cycle ends on time."""
+    result, counter, config, took = _slow_run(tmp_path, 4.0, plan_clock)
+    outcome = config["budget"]
+    assert outcome["stopped_early"]["1"] == counter.per_epoch[0] < round(96 * outcome["epoch_shares"][0]) // 8
+    # unpaced, its ~27 planned batches at 4 s would take about three times the budget; paced, it ends near it
+    assert took <= 1.1 * 40, (took, outcome)
+    lrs = result.learn.recorder.lrs  # the one-cycle went on to its end, in the batches there were
+    assert result.learn.pct_train == pytest.approx(1.0) and lrs[-1] == min(lrs[len(lrs) // 2:])
+
+
+def test_a_run_faster_than_its_plan_trains_more(tiny, tmp_path, fixed_timing, plan_clock):
+    result, counter, config, took = _slow_run(tmp_path, 0.6, plan_clock)
+    assert counter.per_epoch[-1] > counter.per_epoch[0] or counter.per_epoch[-1] == 12, counter.per_epoch
+    assert took <= 40 - config["args"]["budget_plan"]["reserve_s"] + 0.6
 
 
 def test_the_plan_and_the_time_left_are_said(tiny_root, tmp_path, fixed_timing, capsys):
@@ -162,15 +254,20 @@ class InterruptAfterEpoch(Callback):
             raise KeyboardInterrupt
 
 
-def test_a_resumed_budget_run_goes_on_with_its_plan(tiny_root, tmp_path, fixed_timing, capsys):
+def test_a_resumed_budget_run_goes_on_with_its_plan(tiny_root, tmp_path, fixed_timing, plan_clock, capsys):
     with pytest.raises(RunInterrupted):
-        fit(tiny_root, lr=0.05, size=16, budget="100s", out=tmp_path / "run", cbs=[InterruptAfterEpoch()], **SMALL)
+        fit(tiny_root, lr=0.05, size=16, budget="100s", out=tmp_path / "run",
+            cbs=[InterruptAfterEpoch(), plan_clock(1.0)], **SMALL)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
     counter = CountBatches()
-    fit(out=tmp_path / "run", resume=True, cbs=[counter], bs=8, num_workers=0)
+    result = fit(out=tmp_path / "run", resume=True, cbs=[counter, plan_clock(1.0)], bs=8, num_workers=0)
     assert "the plan goes on" in capsys.readouterr().out
-    assert len(read_metrics(tmp_path / "run")) == saved["epochs"]
-    assert counter.per_epoch[-1] == round(96 * saved["budget_plan"]["epoch_share"]) // 8
+    assert len(read_metrics(tmp_path / "run")) == saved["epochs"] == len(counter.per_epoch) + 1
+    # the resumed epochs are paced on what is left of the budget (the first session's time, as metrics.csv has
+    # it, is spent), and the schedule goes on from where it was to its end
+    shares = json.loads((tmp_path / "run" / "config.json").read_text())["budget"]["epoch_shares"]
+    assert len(shares) == len(counter.per_epoch) and all(1 <= n <= 12 for n in counter.per_epoch)
+    assert result.learn.pct_train == pytest.approx(1.0)
     with pytest.raises(RunError, match="--budget"):  # the plan cannot change under a resume
         fit(out=tmp_path / "run", resume=True, budget="1h", quiet=True)
 

@@ -292,3 +292,26 @@ def test_persistent_workers_serve_the_same_epochs_and_stay_alive(tiny_root):
     for a, b in zip(fresh, kept):
         assert len(a) == len(b) and all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
     assert not torch.equal(fresh[0][0][1], fresh[1][0][1])  # the epochs differ from each other (shuffled)
+
+
+def test_an_epoch_ended_early_leaves_the_next_one_whole(tiny_root):
+    """A budgeted run's pacing (`BudgetPace`) ends an epoch early through the loader's `stop_after`. With
+    persistent workers, the epoch after it is whole, and the same as after an epoch that ran to its end."""
+    from fastai.torch_core import set_seed
+
+    def two_epochs(stop_after: int | None):
+        set_seed(0)
+        dls = tiny_imagenet_dls(tiny_root, bs=8, size=32, device="cpu", num_workers=2)
+        dls.train.fake_l.persistent_workers = True
+        first = []
+        for batch in dls.train:
+            first.append(batch)
+            if len(first) == stop_after:
+                dls.train.stop_after = stop_after
+        dls.train.stop_after = None
+        return len(first), [(x.clone(), y.clone()) for x, y in dls.train], len(dls.train)
+
+    stopped, after_stop, n = two_epochs(2)
+    whole, after_whole, _ = two_epochs(None)
+    assert stopped == 2 < whole == n == len(after_stop) == len(after_whole)
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(after_stop, after_whole))

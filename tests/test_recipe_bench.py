@@ -58,6 +58,7 @@ def test_classic_fit_trains_and_counts(tiny_root):
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(0 <= r["accuracy"] <= 1 and r["train_loss"] > 0 for r in rows)
     assert 0 < rows[0]["seconds"] < rows[1]["seconds"]
+    assert 0 < rows[0]["valid_seconds"] < rows[1]["valid_seconds"] and rows[0]["decode_seconds"] > 0
     with pytest.raises(ValueError, match="precision"):
         classic_fit(tiny_root, epochs=1, precision="fp16")
 
@@ -123,3 +124,25 @@ def test_tinyfast_auto_is_fits_range_test_and_quiet(tiny_root, capsys, monkeypat
     d = RunConfig()
     assert calls[0] == {"mode": d.lr_mode, "num_it": d.lr_num_it, "val_batches": d.lr_val_batches}
     assert used == calls[1] and len(rows) == 1
+
+
+def test_the_classic_side_of_the_head_to_head_is_independent_and_fits_its_epochs_to_the_budget(tiny_root, tmp_path):
+    """benchmarks/head_to_head.py: the classic recipe given a wall-clock budget, its epochs set from a probe."""
+    from benchmarks import head_to_head
+    tree = ast.parse(Path(head_to_head.__file__).read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m.startswith(("tinyfast", "fastai"))] and "classic" in imported
+    assert head_to_head.parse_budget("60m") == 3600 and head_to_head.parse_budget("1.5h") == 5400
+    with pytest.raises(ValueError, match="budget"):
+        head_to_head.parse_budget("60")
+    # 100,000 + 10,000 images, 0.4 s a step of 64, 20 s of validation, 270 us an image to decode: 30 s of decode,
+    # 645 s an epoch; 3528 s of the hour (less its 2% margin) buys 5 epochs, 3000 s buys 4
+    timing = {"step_s": 0.4, "valid_s": 20.0, "decode_s_per_image": 0.00027}
+    assert head_to_head.epochs_for(3600, timing, 100_000, 10_000, 64) == 5
+    assert head_to_head.epochs_for(3000, timing, 100_000, 10_000, 64) == 4
+    assert head_to_head.epochs_for(10, timing, 100_000, 10_000, 64) == 1  # at least one
+    results = tmp_path / "h2h.jsonl"
+    row = head_to_head.main(["--data", str(tiny_root), "--budget", "2s", "--size", "16", "--bs", "16",
+                             "--results", str(results)])
+    assert json.loads(results.read_text()) == json.loads(json.dumps(row))
+    assert row["epochs"] >= 1 and len(row["accuracies"]) == row["epochs"] and row["probe"]["step_s"] > 0

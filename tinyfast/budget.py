@@ -13,7 +13,10 @@ long schedule cut short, so the budget plans the run and the one-cycle schedule 
    validation times at that size;
 3. `plan_epochs` fits the epochs, fractional: a plan of 6.4 epochs is 7 epochs, each training on the first 91%
    of its shuffle (`CachedBatchDL.epoch_share`), so the schedule spans the iterations there is time for, and every
-   epoch is validated and checkpointed.
+   epoch is validated and checkpointed;
+4. during the run, `tinyfast.callbacks.BudgetPace` keeps to the deadline: each epoch's share is set again from
+   the time left and the times measured so far (`paced_share`), and the last epoch stops early, its schedule
+   completed, when the rest would pass the deadline.
 
 A budget too small for one epoch at the smallest size is `BudgetTooSmall`, naming the smallest workable budget.
 """
@@ -43,11 +46,15 @@ if TYPE_CHECKING:
     from .config import RunConfig
 
 
-# Provisional, until the full-data measurements of issue #29 (docs/BENCHMARKS.md) replace it: the largest size
-# that affords this many epochs. It gives 64 px to a 30-epoch GPU budget and 32 px to 2 hours on the 2-core CPU
-# (about 9 epochs there), as the one full-data epoch measured at 32 px (709 s, 19.2% top-1) suggests.
-MIN_EPOCHS_FOR_SIZE = 8
+# The largest size that affords this many epochs. The 30-minute screen on the whole dataset (docs/BENCHMARKS.md,
+# "The whole dataset on 2 CPU cores") measured val top-1 0.324 at 16 px (5.3 epochs), 0.331 at 24 px (3.4) and
+# 0.274 at 32 px (1.8): between 3.4 and 5.3 epochs the size hardly mattered, below 2 it cost 5 points. 4 keeps to
+# the safe side of that cliff: 16 px for 30 minutes on the 2-core CPU, 24 px for 60, 32 px for 2 hours, 64 px for a
+# GPU. The 60-minute runs check it (BENCHMARKS).
+MIN_EPOCHS_FOR_SIZE = 4
 MIN_EPOCHS = 1.0  # below one epoch of the smallest size a run is not worth starting
+MIN_SHARE = 0.02  # of an epoch's shuffle: a run far behind its plan still trains a little and validates each epoch
+CHECKPOINT_S = 1.0  # the plan's allowance for an epoch's checkpoint, until one is measured
 RESERVE = (5.0, 0.02)  # seconds, and share of the budget, kept for the end: best weights back, learner.pkl, plots
 
 
@@ -74,7 +81,7 @@ class Timing:
     valid_batch_s: float
     train_batches: int  # a whole epoch's
     valid_batches: int
-    checkpoint_s: float = 1.0
+    checkpoint_s: float = CHECKPOINT_S
 
     @property
     def train_epoch_s(self) -> float:
@@ -136,6 +143,14 @@ def plan_epochs(budget_s: float, spent_s: float, timing: Timing, size: int,
                              f"budget is about {math.ceil(smallest / 60)}m")
     return Plan(budget_s, spent_s, size, epochs, n_epoch, share, share * timing.train_epoch_s, timing.valid_s,
                 reserve_for(budget_s))
+
+
+def paced_share(left_s: float, costs: list[float], train_epoch_s: float, per_epoch_fixed_s: float) -> float:
+    """The share of each epoch's shuffle to train on so that the epochs to go (`costs`: each one's step cost
+    relative to the run's size) end when `left_s` does: `plan_epochs`'s arithmetic again, with the clock's time
+    left and the times measured so far (`tinyfast.callbacks.BudgetPace`)."""
+    share = (left_s - len(costs) * per_epoch_fixed_s) / (train_epoch_s * sum(costs))
+    return min(1.0, max(MIN_SHARE, share))
 
 
 def choose_size(train_epoch_s_at: dict[int, float], valid_s_at: dict[int, float], left_s: float) -> int:
@@ -266,7 +281,12 @@ def budget_size(run, spent_s: float) -> int:
     valid = {s: forward_s[s] * valid_batches for s in SIZES}
     smallest = min(SIZES)  # not even one epoch there: said now, before the cache is built
     plan_epochs(budget_s, spent_s, Timing(step_s[smallest], forward_s[smallest], train_batches, valid_batches), smallest)
-    return choose_size(train, valid, budget_s - spent_s - reserve_for(budget_s))
+    left = budget_s - spent_s - reserve_for(budget_s)
+    size = choose_size(train, valid, left)
+    if is_main_process():
+        print(f"budget {run.budget}: {size} px, the largest size with {MIN_EPOCHS_FOR_SIZE} epochs or more (epochs by "
+              f"the bare model's speed: " + ", ".join(f"{s} px {left / (train[s] + valid[s]):.1f}" for s in SIZES) + ")")
+    return size
 
 
 def plan_run(learn: Learner, size: int, spent_s: float, lr: float, budget_s: float,
@@ -321,9 +341,12 @@ def no_folder_if_budget_too_small(run_dir: Path, new: bool) -> Iterator[None]:
         raise
 
 
-def record_budget_outcome(run_dir: Path, config: RunConfig, state: dict, start: dict | None, called: float) -> None:
-    """config.json's "budget": the plan's budget, and the wall time the run took (all its sessions)."""
+def record_budget_outcome(run_dir: Path, config: RunConfig, state: dict, start: dict | None, called: float,
+                          paced: dict | None = None) -> None:
+    """config.json's "budget": the plan's budget, the wall time the run took (all its sessions), and what the
+    pacing did (`BudgetPace.outcome`: in a resumed run, this session's epochs)."""
     wall = (0.0 if start is None else budget_used_before(state, start)) + time.time() - called
     budget_s = parse_budget(config.budget)
     update_config(run_dir, budget={"budget_s": budget_s, "wall_s": round(wall, 1),
-                                    "share_of_budget": round(wall / budget_s, 4), "plan": state["budget_plan"]})
+                                    "share_of_budget": round(wall / budget_s, 4), "plan": state["budget_plan"],
+                                    **(paced or {})})

@@ -50,8 +50,8 @@ from fastai.torch_core import to_float, unsqueeze
 from fastcore.foundation import L
 from torch.optim.swa_utils import AveragedModel
 
-from .budget import format_seconds
-from .distributed import all_ranks_min, is_main_process, unwrap_model
+from .budget import CHECKPOINT_S, format_seconds, paced_share
+from .distributed import all_ranks_min, is_main_process, unwrap_model, world_size
 from .errors import NonFiniteLoss, RunError
 from .learner import kept_modes
 from .run_folder import save_checkpoint, save_model, write_metrics
@@ -493,6 +493,89 @@ class TimeLeft(ResumeAware, Callback):
             self.left = to_go * float(np.mean(self.durations))
         if self.show and to_go > 0:
             print(f"epoch {self.epoch + 1}/{self.n_epoch} done: ~{format_seconds(self.left)} left in the run")
+
+
+DISTRIBUTED_EVERY = 8  # batches between the ranks' agreements on where the last epoch of a budget run stops
+
+
+class BudgetPace(ResumeAware, Callback):
+    """Keeps a budgeted run on its deadline. The plan's step time comes from a few throwaway batches, and a whole
+    epoch ran 10-23% slower than that on the 2-core CPU (issue #29's 24 px screen: 113% of its budget). So:
+    - before each epoch, the share of its shuffle to train on is set again from the time left and the times
+      measured so far (`paced_share`);
+    - during an epoch, once a tenth of it has given a step time, it stops early where going on would leave the
+      epochs to go less than the share of the time this one took (in the last epoch: where it would pass the
+      deadline), its position in the schedule stretched so that its slice of the one-cycle still ends. fastai sets
+      `pct_train` to epoch/n_epoch before each epoch, so each epoch keeps its slice whatever its length.
+    In a distributed run the ranks take the smallest share and the earliest stop (a collective an epoch, and one
+    every `DISTRIBUTED_EVERY` batches), as their loaders must stay the same length."""
+    order = 80  # after RunLogger's checkpoint (70) and TimeLeft (75): an epoch's time includes them
+    clock = staticmethod(time.time)  # the deadline's clock (tests run it at the plan's pace)
+
+    def __init__(self, deadline: float, plan: dict, reserve_s: float, costs: list[float] | None = None,
+                 start_epoch: int = 0):
+        self.deadline, self.reserve_s, self.given_costs, self.start_epoch = deadline, reserve_s, costs, start_epoch
+        self.train_epoch_s = plan["epoch_s"] / plan["epoch_share"]  # the whole shuffle, at the run's size
+        self.fixed_s = plan["valid_s"] + CHECKPOINT_S
+        self.measured, self.shares, self.stopped = [], [], {}
+
+    def before_fit(self):
+        self.costs = self.given_costs or [1.0] * self.n_epoch
+        self.every = DISTRIBUTED_EVERY if world_size() > 1 else 1
+        train = self.dls.train
+        share, train.epoch_share = train.epoch_share, 1.0
+        self.full_iters = len(train)
+        train.epoch_share = share
+
+    def left_s(self) -> float:
+        return self.deadline - self.clock() - self.reserve_s
+
+    def before_epoch(self):
+        if self.skipped():
+            return
+        share = paced_share(self.left_s(), self.costs[self.epoch:], self.train_epoch_s, self.fixed_s)
+        self.share = int(all_ranks_min(torch.tensor(round(share * 1e6)))) / 1e6
+        self.dls.train.epoch_share = self.share
+        self.shares.append(round(self.share, 4))
+        self.t_epoch = self.clock()
+
+    def before_train(self):
+        self.t_train, self.done, self.target = self.clock(), 0, None
+        self.dl.stop_after = None
+
+    def after_batch(self):
+        if not self.training or self.skipped():
+            return
+        self.done, self.target = self.iter + 1, self.target or self.n_iter
+        if self.done == 1:  # the first batch carries the loader's start: the step time is measured after it
+            self.t_first = self.clock()
+        if self.done >= max(2, self.n_iter // 10) and self.done % self.every == 0 and self.done < self.target:
+            # this epoch's batches to go, r, and the later epochs (relative cost `later` to this one's) at the share
+            # this one ends with, (done + r) / full_iters, fill the training time left: the deficit is shared out
+            batch_s = (self.clock() - self.t_first) / (self.done - 1)
+            later = sum(self.costs[self.epoch + 1:]) / self.costs[self.epoch]
+            train_left = self.left_s() - (self.n_epoch - self.epoch) * self.fixed_s
+            fits = max(1, int((train_left / batch_s - self.done * later) / (1 + later)))  # 1: the slice's end
+            self.target = int(all_ranks_min(torch.tensor(min(self.target, self.done + fits))))
+        if self.target < self.n_iter:  # pct_train reaches the end of this epoch's slice at the new last batch
+            self.learn.pct_train = (self.epoch + self.done / self.target) / self.n_epoch
+            if self.done >= self.target:  # the loader ends the epoch here: the Recorder logs it as any other
+                self.stopped[self.epoch + 1] = self.done
+                self.dl.stop_after = self.done
+
+    def after_train(self):
+        self.train_s = self.clock() - self.t_train
+
+    def after_epoch(self):
+        if self.skipped() or not self.done:
+            return
+        self.measured.append(self.train_s * self.full_iters / self.done / self.costs[self.epoch])
+        self.train_epoch_s = float(np.mean(self.measured))
+        self.fixed_s = self.clock() - self.t_epoch - self.train_s
+
+    def outcome(self) -> dict:
+        """What the pacing did, for config.json: each epoch's share, and the epochs stopped early (at which batch)."""
+        return {"epoch_shares": self.shares, "stopped_early": {str(k): v for k, v in self.stopped.items()}}
 
 
 def tensorboard_callback(run_dir: Path, start_epoch: int) -> Callback:

@@ -419,7 +419,7 @@ class CachedBatchDL(TfmdDL):
         return serve_batches(self)
 
     def _shared_n(self) -> int:
-        return max(1, round(self.n * self.epoch_share))
+        return max(min(self.n, self.bs), round(self.n * self.epoch_share))  # a batch at least, also with drop_last
 
     def get_idxs(self):
         idxs = super().get_idxs()
@@ -498,7 +498,9 @@ def serve_batches(loader):
     loader.before_iter()
     compat.set_epoch_order(loader, loader.get_idxs())  # in the main process, as fastai does
     non_blocking = loader.pin_memory or (loader.device is not None and torch.device(loader.device).type != "cpu")
-    for b in _epoch_batches(loader):
+    for i, b in enumerate(_epoch_batches(loader)):
+        if getattr(loader, "stop_after", None) is not None and i >= loader.stop_after:
+            break  # a budgeted run's pacing ended this epoch early (tinyfast.callbacks.BudgetPace)
         if loader.pin_memory and type(b) == list:  # pinning turns tuples into lists
             b = tuple(b)
         if loader.device is not None:

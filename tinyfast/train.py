@@ -27,7 +27,7 @@ from fastcore.xtras import ContextManagers
 from fastai.torch_core import set_seed
 
 from .budget import apply_budget, budget_size, no_folder_if_budget_too_small, record_budget_outcome
-from .callbacks import (SYNC_EVERY, Plateau, RunLogger, SmoothLossOnDevice, StopOnNaN, TimeLeft,  # noqa: F401
+from .callbacks import (SYNC_EVERY, BudgetPace, Plateau, RunLogger, SmoothLossOnDevice, StopOnNaN, TimeLeft,  # noqa: F401
                         check_tracker, lever_callbacks, progressive_costs, tracker_callbacks)
 from .config import DEFAULT_SIZE, RunConfig, resume_changes
 from .data import tiny_imagenet_dls
@@ -103,12 +103,14 @@ def fit(config: RunConfig | Path | str | None = None, *, out: Path | str | None 
         if start is None:  # rank 0 writes the files and picks the LR; the others take its LR
             state["lr_picked"] = on_main(_start_run, learn, run_dir, config, command, world_size(), quiet)
         with no_folder_if_budget_too_small(run_dir, new=start is None):
-            deadline, config = (apply_budget(learn, config, state, run_dir, start, called, quiet,
-                                             progressive_costs(config.size, config.progressive))
+            costs = progressive_costs(config.size, config.progressive)
+            deadline, config = (apply_budget(learn, config, state, run_dir, start, called, quiet, costs)
                                 if config.budget is not None else (None, config))
-        logger = RunLogger(run_dir, start)
+        logger, first_epoch = RunLogger(run_dir, start), start["epoch"] if start else 0
+        pace = (BudgetPace(deadline, state["budget_plan"], state["budget_plan"]["reserve_s"],
+                           costs(config.epochs) if costs else None, first_epoch) if deadline else None)
         run_cbs = ([logger, StopOnNaN(), SmoothLossOnDevice(1 if config.log != "csv" else SYNC_EVERY),
-                    TimeLeft(deadline, show=not quiet and main, start_epoch=start["epoch"] if start else 0)]
+                    TimeLeft(deadline, show=not quiet and main, start_epoch=first_epoch)] + ([pace] if pace else [])
                    + lever_callbacks(config.as_dict(), start) + tracker_callbacks(config.as_dict(), run_dir, start, quiet)
                    + list(cbs or []))
         if config.compile:
@@ -151,7 +153,7 @@ def fit(config: RunConfig | Path | str | None = None, *, out: Path | str | None 
             # fastai's export writes to learn.path / the name given: absolute, or a relative --out is joined twice
             atomic_write(run_dir / LEARNER, lambda tmp: learn.export(Path(tmp).absolute()))
             if config.budget is not None:
-                record_budget_outcome(run_dir, config, state, start, called)
+                record_budget_outcome(run_dir, config, state, start, called, pace.outcome())
             if config.log == "wandb":
                 import wandb
                 wandb.finish()
