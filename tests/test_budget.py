@@ -182,7 +182,7 @@ def tiny(tiny_root):
     tiny_root_path[:] = [tiny_root]
 
 
-@pytest.mark.parametrize("pace", [1.3, 2.5])
+@pytest.mark.parametrize("pace", [1.3])
 def test_a_run_slower_than_its_plan_trains_less_and_ends_by_its_deadline(tiny, tmp_path, fixed_timing, plan_clock, pace):
     """The plan's throwaway batches said 1 s a batch; the run takes `pace` s. The epochs after the first train on
     less, an epoch stops early if it must, and the run, by the clock it kept, ends by its budget with its
@@ -217,12 +217,12 @@ def test_a_run_faster_than_its_plan_trains_more(tiny, tmp_path, fixed_timing, pl
 
 
 def test_the_plan_and_the_time_left_are_said(tiny_root, tmp_path, fixed_timing, capsys):
-    fit(tiny_root, lr=0.05, size=16, budget="100s", out=tmp_path / "run", bs=8, num_workers=0)
+    fit(tiny_root, lr=0.05, size=16, budget="40s", out=tmp_path / "run", bs=8, num_workers=0)
     out = capsys.readouterr().out
-    assert "budget 100s: " in out and " at 16 px (" in out
+    assert "budget 40s: " in out and " at 16 px (" in out
     assert "epoch 1/" in out and "left in the run" in out
     log = (tmp_path / "run" / "log.txt").read_text()
-    assert "budget 100s: " in log and "left in the run" in log
+    assert "budget 40s: " in log and "left in the run" in log
 
 
 def test_an_unbudgeted_run_shows_the_time_left_too(tiny_root, tmp_path, capsys):
@@ -239,10 +239,10 @@ def test_a_budget_too_small_leaves_no_folder_and_exits_2(tiny_root, tmp_path):
 
 def test_without_a_size_the_budget_chooses_one(tiny_root, tmp_path, fixed_timing, monkeypatch):
     monkeypatch.setattr(B, "probe_step_s", lambda *a, **k: (0.01, 0.002))  # fast: 64 px affords enough epochs
-    r = fit(tiny_root, lr=0.05, budget="60s", out=tmp_path / "fast", **SMALL)
+    r = fit(tiny_root, lr=0.05, budget="40s", out=tmp_path / "fast", **SMALL)
     assert json.loads((tmp_path / "fast" / "config.json").read_text())["args"]["size"] == 64 == r.learn.dls.train.one_batch()[0].shape[-1]
     monkeypatch.setattr(B, "probe_step_s", lambda model, bs, size, *a, **k: (5.0 * (size / 32) ** 2, (size / 32) ** 2))
-    fit(tiny_root, lr=0.05, budget="60s", out=tmp_path / "slow", **SMALL)
+    fit(tiny_root, lr=0.05, budget="40s", out=tmp_path / "slow", **SMALL)
     assert json.loads((tmp_path / "slow" / "config.json").read_text())["args"]["size"] == 16
 
 
@@ -256,7 +256,7 @@ class InterruptAfterEpoch(Callback):
 
 def test_a_resumed_budget_run_goes_on_with_its_plan(tiny_root, tmp_path, fixed_timing, plan_clock, capsys):
     with pytest.raises(RunInterrupted):
-        fit(tiny_root, lr=0.05, size=16, budget="100s", out=tmp_path / "run",
+        fit(tiny_root, lr=0.05, size=16, budget="40s", out=tmp_path / "run",
             cbs=[InterruptAfterEpoch(), plan_clock(1.0)], **SMALL)
     saved = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
     counter = CountBatches()
@@ -282,9 +282,9 @@ def _bench_budget():
 
 def test_the_budget_benchmark_reads_a_finished_run(tiny_root, tmp_path, fixed_timing):
     """benchmarks/budget.py times `fit --budget` from outside; what the run folder says goes into its row."""
-    fit(tiny_root, lr=0.05, size=16, budget="100s", out=tmp_path / "run", **SMALL)
-    row = _bench_budget().budget_row(tmp_path / "run", str(tiny_root), "100s", ["--size", "16"], 0, 103.0, 1.5, ["done"])
-    assert row["budget_s"] == 100 and row["share_of_budget"] == 1.03 and row["within_5pct"] is True
+    fit(tiny_root, lr=0.05, size=16, budget="40s", out=tmp_path / "run", **SMALL)
+    row = _bench_budget().budget_row(tmp_path / "run", str(tiny_root), "40s", ["--size", "16"], 0, 41.2, 1.5, ["done"])
+    assert row["budget_s"] == 40 and row["share_of_budget"] == 1.03 and row["within_5pct"] is True
     assert row["size"] == 16 and row["plan"]["n_epoch"] == row["epochs_done"] >= 1 and 0 <= row["best_top1"] <= 1
     assert row["fit_wall_s"] > 0 and row["train_seconds"] > 0
 

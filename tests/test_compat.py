@@ -61,4 +61,24 @@ def test_distributed_dl_broadcasts_through_a_private_method_tinyfast_replaces():
     import tinyfast.distributed  # noqa: F401  (applies the replacement)
     assert list(inspect.signature(DistributedDL._broadcast).parameters) == ["self", "t", "rank"]
     assert "self._broadcast(" in inspect.getsource(DistributedDL.get_idxs)
-    assert DistributedDL._broadcast.__module__ == "tinyfast.distributed"
+    assert DistributedDL._broadcast.__module__ == "tinyfast.compat"
+
+
+def test_the_distributed_dl_tinyfast_adapts_is_fastais_as_checked():
+    """compat.adapt_distributed_dl replaces five methods of fastai's DistributedDL (a class fastai's trainer builds
+    by name) and reads what its constructor stores: fastai's class must still have them as checked, and the
+    replacements must be the ones in place."""
+    import fastai.distributed as fd
+    import tinyfast.distributed  # noqa: F401  (adapts the class)
+    source = inspect.getsource(fd.DistributedDL)
+    assert "def before_iter(self):" in source and "self.dl.before_iter()" in source  # what the replacement wraps
+    assert "'num_workers','offs'" in source and "store_attr()" in source  # dl, rank, world_size, offs stored
+    for name in ("wif", "sample", "__iter__"):  # inherited from fastai's DataLoader: replaced on the subclass only
+        assert name not in source.split("def __init__")[0] and hasattr(DataLoader, name)
+    from fastai.data import load  # its worker_init_fn tells the wrapper, not the wrapped loader, which worker it is
+    assert "ds.num_workers,ds.offs = info.num_workers,info.id" in inspect.getsource(load._wif).replace(", ", ",")
+    assert "ds.wif()" in inspect.getsource(load._wif) and "wif" in DataLoader._noop_methods
+    for name in ("_broadcast", "before_iter", "wif", "__iter__", "sample"):
+        assert vars(DistributedDL)[name].__module__ == "tinyfast.compat", name
+    assert isinstance(vars(DistributedDL)["rng"], property) and DistributedDL._tinyfast_adapted
+    assert DataLoader.wif.__module__.startswith("fastai")  # fastai's base class is left as it was

@@ -66,3 +66,55 @@ def quiet_scorecam() -> Iterator[None]:
         yield
     finally:
         score_cam.tqdm = saved
+
+
+# fastai's `DistributedDL` (fastai 2.8.12), adapted in place as tinyfast/distributed.py's docstring explains, since
+# fastai's `DistributedTrainer` builds it by name: `_broadcast` (private) sends the shuffle on the process group's
+# device; `before_iter` also broadcasts rank 0's `epoch_seed` and makes it distinct per rank; `wif` tells the
+# wrapped loader its worker; `__iter__` and `sample` go through the CachedBatchDL's own iteration (persistent
+# workers, non-blocking copies); `rng` is the wrapped loader's. Applied once, by tinyfast.distributed's import.
+def adapt_distributed_dl(DistributedDL, collective_device, cached_loader, serve_batches, restore_epoch_in_worker) -> None:
+    if getattr(DistributedDL, "_tinyfast_adapted", False):
+        return
+    import torch.distributed as dist
+    fastai_before_iter, fastai_iter, fastai_sample = DistributedDL.before_iter, DistributedDL.__iter__, DistributedDL.sample
+
+    def _broadcast(self, t, rank):
+        "Broadcasts t from rank `rank` to all other ranks, on the device the process group's backend works on."
+        t = torch.tensor(t, dtype=torch.long, device=collective_device())
+        dist.broadcast(t, rank)
+        return t.cpu().tolist()
+
+    def before_iter(self):
+        "fastai's, then rank 0's `epoch_seed` (when the wrapped loader draws one), made distinct for each rank."
+        fastai_before_iter(self)
+        if self.world_size > 1 and hasattr(self.dl, "epoch_seed"):
+            # rank 0's draw, as for the shuffle: an epoch depends on rank 0's `rng` only, the one a checkpoint saves
+            seed = self._broadcast([self.dl.epoch_seed], 0)[0]
+            self.dl.epoch_seed = (seed * self.world_size + self.rank) % 2**31
+
+    def wif(self):
+        "In a worker: tell the wrapped loader which worker it runs in, as fastai's `_wif` told the wrapper."
+        self.dl.num_workers, self.dl.offs = self.num_workers, self.offs
+        self.dl.wif()
+
+    def __iter__(self):
+        "Over a CachedBatchDL, its own iteration: persistent workers and non-blocking copies. Else fastai's."
+        return serve_batches(self) if isinstance(self.dl, cached_loader) else fastai_iter(self)
+
+    def sample(self):
+        "In a persistent worker, this epoch's shard and seed first (as `CachedBatchDL.sample`)."
+        restore_epoch_in_worker(self)
+        return fastai_sample(self)
+
+    def get_rng(self):
+        return self.dl.rng
+
+    def set_rng(self, rng):
+        self.dl.rng = rng
+
+    for method in (_broadcast, before_iter, wif, __iter__, sample):
+        method.__module__ = __name__
+        setattr(DistributedDL, method.__name__, method)
+    DistributedDL.rng = property(get_rng, set_rng, doc="The wrapped loader's `rng`: it draws the shuffle and the augmentation.")
+    DistributedDL._tinyfast_adapted = True

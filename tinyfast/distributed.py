@@ -44,9 +44,9 @@ import torch
 import torch.distributed as dist
 from fastai.learner import Learner
 from fastai.torch_core import distrib_barrier, num_distrib, rank_distrib
-from fastcore.basics import patch
 from torch import nn
 
+from . import compat
 from .data import CachedBatchDL, restore_epoch_in_worker, serve_batches
 
 try:
@@ -179,7 +179,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# fastai's DistributedDL, made device-aware and CachedBatchDL-aware
+# fastai's DistributedDL, made device-aware and CachedBatchDL-aware (the replaced methods: tinyfast/compat.py)
 # ---------------------------------------------------------------------------------------------------------
 def collective_device() -> torch.device:
     """Where tensors must live for the current process group's collectives: CUDA for nccl, CPU otherwise."""
@@ -188,60 +188,7 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-@patch
-def _broadcast(self: DistributedDL, t, rank):
-    "Broadcasts t from rank `rank` to all other ranks, on the device the process group's backend works on."
-    t = torch.tensor(t, dtype=torch.long, device=collective_device())
-    dist.broadcast(t, rank)
-    return t.cpu().tolist()
-
-
-_fastai_before_iter = DistributedDL.before_iter
-
-
-@patch
-def before_iter(self: DistributedDL):
-    "fastai's, then rank 0's `epoch_seed` (when the wrapped loader draws one), made distinct for each rank."
-    _fastai_before_iter(self)
-    if self.world_size > 1 and hasattr(self.dl, "epoch_seed"):
-        # rank 0's draw, as for the shuffle: an epoch depends on rank 0's `rng` only, the one a checkpoint saves
-        seed = self._broadcast([self.dl.epoch_seed], 0)[0]
-        self.dl.epoch_seed = (seed * self.world_size + self.rank) % 2**31
-
-
-@patch
-def wif(self: DistributedDL):
-    "In a worker: tell the wrapped loader which worker it runs in, as fastai's `_wif` told the wrapper."
-    self.dl.num_workers, self.dl.offs = self.num_workers, self.offs
-    self.dl.wif()
-
-
-def _get_rng(self: DistributedDL):
-    return self.dl.rng
-
-
-def _set_rng(self: DistributedDL, rng):
-    self.dl.rng = rng
-
-
-_fastai_iter = DistributedDL.__iter__
-_fastai_sample = DistributedDL.sample
-
-
-@patch
-def __iter__(self: DistributedDL):
-    "Over a CachedBatchDL, its own iteration: persistent workers and non-blocking copies. Else fastai's."
-    return serve_batches(self) if isinstance(self.dl, CachedBatchDL) else _fastai_iter(self)
-
-
-@patch
-def sample(self: DistributedDL):
-    "In a persistent worker, this epoch's shard and seed first (as `CachedBatchDL.sample`)."
-    restore_epoch_in_worker(self)
-    return _fastai_sample(self)
-
-
-DistributedDL.rng = property(_get_rng, _set_rng, doc="The wrapped loader's `rng`: it draws the shuffle and the augmentation.")
+compat.adapt_distributed_dl(DistributedDL, collective_device, CachedBatchDL, serve_batches, restore_epoch_in_worker)
 
 
 # ---------------------------------------------------------------------------------------------------------
