@@ -6,6 +6,7 @@ import ast
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -69,7 +70,7 @@ def test_sweep_appends_and_resumes(tiny_root, tmp_path, monkeypatch):
     rows = recipe.sweep([tiny_root], **kw)
     assert [(r["trainer"], r["variant"]) for r in rows] == [("classic", "bf16"), ("tinyfast", "defaults")]
     tiny = rows[1]
-    assert tiny["independent_final"] == pytest.approx(tiny["final"], abs=1e-6)  # fastai's metric = a count from val_annotations
+    assert tiny["independent_best"] == pytest.approx(tiny["best"], abs=1e-6)  # fastai's metric = a count from val_annotations
     assert len(results.read_text().splitlines()) == 2
 
     calls = []
@@ -94,13 +95,54 @@ def test_sweep_refuses_bad_requests(tiny_root, tmp_path):
 
 @pytest.mark.parametrize("variant", ["ema-0.99", "progressive-half", "one-cycle-pct-0.5"])
 def test_lever_variants_run_through_fits_callbacks(tiny_root, tmp_path, variant):
-    """A lever variant trains with the callbacks `fit` would add; the EMA's final top-1 is the average's, as
+    """A variant trains through `fit`, with its options or a `RecipeChange`; the EMA's top-1 is the average's, as
     fastai counted it; every tinyfast row also has its TTA top-1."""
     rows = recipe.sweep([tiny_root], trainers=("tinyfast",), lrs=(0.05,), seeds=(0,), epochs=2, bs=16, size=16,
                         variant=variant, results=tmp_path / "r.jsonl", log=lambda m: None)
     (row,) = rows
-    assert row["variant"] == variant and 0.0 <= row["tta_final"] <= 1.0
-    assert row["independent_final"] == pytest.approx(row["final"], abs=1e-6)
+    assert row["variant"] == variant and 0.0 <= row["tta_best"] <= 1.0
+    assert row["independent_best"] == pytest.approx(row["best"], abs=1e-6)
+
+
+def test_recipe_change_undoes_what_it_names_before_anything_trains(tiny_root):
+    """`RecipeChange` on the Learner fit builds: by the time the other callbacks begin, the model is the other
+    init, the optimizer is made again with the other arguments (decay off BatchNorm and biases), the training
+    augmentation has no cutout, and the one-cycle schedule peaks where asked."""
+    from fastai.callback.core import Callback, CancelFitException
+    from fastai.callback.schedule import ParamScheduler
+    from tinyfast.data import AlbumentationsTransform, Cutout, tiny_imagenet_dls
+    from tinyfast.learner import tiny_learner
+
+    seen = {}
+
+    class Look(Callback):
+        order = -10
+
+        def before_fit(self):
+            learn, block = self.learn, self.learn.model.layer1[0]
+            schedule = next(cb for cb in learn.cbs if isinstance(cb, ParamScheduler))
+            augs = [t.aug for t in learn.dls.train.after_item.fs if isinstance(t, AlbumentationsTransform)]
+            seen.update(opt=learn.opt, keywords=learn.opt_func.keywords, wd=learn.opt.hypers[-1]["wd"],
+                        bn_decayed=learn.opt.state[block.bn2.weight].get("do_wd", True),
+                        conv_decayed=learn.opt.state[block.conv1.weight].get("do_wd", True),
+                        bn2=float(block.bn2.weight.abs().max()), lr=[np.asarray(schedule.scheds["lr"](p)).item() for p in (0.25, 0.5)],
+                        cutouts=[t for a in augs for t in a.transforms if isinstance(t, Cutout)], augs=len(augs))
+            raise CancelFitException
+
+    dls = tiny_imagenet_dls(tiny_root, bs=8, size=16)
+    learn = tiny_learner(dls, wd=5e-3)
+    learn.create_opt()
+    before = learn.opt
+    assert any(isinstance(t, Cutout) for a in dls.train.after_item.fs if isinstance(a, AlbumentationsTransform)
+               for t in a.aug.transforms)
+    change = recipe.RecipeChange(16, **recipe.VARIANTS["previous"][1], cutout=False, one_cycle={"pct_start": 0.5})
+    learn.fit_one_cycle(1, 0.1, cbs=[change, Look()])
+    assert seen["opt"] is not before and seen["wd"] == 5e-3
+    assert seen["keywords"]["decouple_wd"] is True and seen["keywords"]["nesterov"] is False
+    assert seen["bn_decayed"] is False and seen["conv_decayed"] is True
+    assert seen["bn2"] == 0.0  # zero-init residual: the last BatchNorm of each block starts at 0
+    assert seen["lr"][1] == pytest.approx(0.1) and seen["lr"][0] < 0.1  # the peak at half the run, not a quarter
+    assert seen["augs"] == 1 and seen["cutouts"] == []
 
 
 def test_tinyfast_auto_is_fits_range_test_and_quiet(tiny_root, capsys, monkeypatch):

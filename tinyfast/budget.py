@@ -15,8 +15,8 @@ long schedule cut short, so the budget plans the run and the one-cycle schedule 
    of its shuffle (`CachedBatchDL.epoch_share`), so the schedule spans the iterations there is time for, and every
    epoch is validated and checkpointed;
 4. during the run, `tinyfast.callbacks.BudgetPace` keeps to the deadline: each epoch's share is set again from
-   the time left and the times measured so far (`paced_share`), and the last epoch stops early, its schedule
-   completed, when the rest would pass the deadline.
+   the time left and the times measured so far (`paced_share`), and an epoch ends early, its slice of the schedule
+   completed, where going on would leave the later epochs short (the last: where it would pass the deadline).
 
 A budget too small for one epoch at the smallest size is `BudgetTooSmall`, naming the smallest workable budget.
 """

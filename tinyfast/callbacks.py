@@ -495,7 +495,7 @@ class TimeLeft(ResumeAware, Callback):
             print(f"epoch {self.epoch + 1}/{self.n_epoch} done: ~{format_seconds(self.left)} left in the run")
 
 
-DISTRIBUTED_EVERY = 8  # batches between the ranks' agreements on where the last epoch of a budget run stops
+DISTRIBUTED_EVERY = 8  # batches between the ranks' agreements on where an epoch of a budget run stops
 
 
 class BudgetPace(ResumeAware, Callback):

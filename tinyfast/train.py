@@ -210,7 +210,8 @@ def _start_run(learn: Learner, run_dir: Path, config: RunConfig, command: str, p
         return None
     from .lr_range import lr_range_test
     from .lr_range_report import write_lr_range
-    result = lr_range_test(learn, mode=config.lr_mode, num_it=config.lr_num_it, val_batches=config.lr_val_batches)
+    with learn.no_bar() if quiet else nullcontext():
+        result = lr_range_test(learn, mode=config.lr_mode, num_it=config.lr_num_it, val_batches=config.lr_val_batches)
     write_lr_range(result, run_dir)
     saved["args"]["lr_picked"] = result.suggested_lr
     write_config(run_dir, saved)
