@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from benchmarks import review
+from benchmarks import review, val_size
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_root, tmp_path_factory):
+    from tinyfast.train import fit
+    return fit(tiny_root, epochs=1, lr=0.05, size=16, bs=16, out=tmp_path_factory.mktemp("review") / "run",
+               quiet=True).run_dir
 
 
 def test_each_stage_has_its_own_peak_memory_and_exit_code():
@@ -22,12 +29,11 @@ def test_each_stage_has_its_own_peak_memory_and_exit_code():
     assert small["wall_s"] >= 0
 
 
-def test_findings_are_what_the_stages_wrote(tiny_root, tmp_path):
+def test_findings_are_what_the_stages_wrote(run_dir):
     from tinyfast.cam_report import gradcam
     from tinyfast.interpret import evaluate, interpret
-    from tinyfast.train import fit, load_run
+    from tinyfast.train import load_run
 
-    run_dir = fit(tiny_root, epochs=1, lr=0.05, size=16, bs=16, out=tmp_path / "run", quiet=True).run_dir
     assert review.findings(run_dir) == {}  # nothing reviewed yet
     learn = load_run(run_dir)
     with learn.no_bar():
@@ -47,3 +53,13 @@ def test_review_refuses_a_folder_that_is_not_a_finished_run(tmp_path, capsys):
         review.main([str(tmp_path), "--results", str(tmp_path / "r.jsonl")])
     assert e.value.code == 2 and "not a finished run folder" in capsys.readouterr().err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_validating_at_other_sizes_keeps_the_val_set_and_the_trained_sizes_score(run_dir):
+    """benchmarks/val_size.py: at the size it trained at, the model scores what fit recorded; at another size
+    the same val images go through the same model."""
+    from tinyfast.run_folder import read_metrics
+    rows = val_size.validate_at_sizes(run_dir, [16, 32], bs=16)
+    assert [r["size"] for r in rows] == [16, 32]
+    assert rows[0]["top1"] == pytest.approx(read_metrics(run_dir)[-1]["accuracy"], abs=1e-4)
+    assert all(0.0 <= r["top1"] <= r["top5"] <= 1.0 and r["loss"] > 0 for r in rows)
