@@ -143,10 +143,11 @@ def classic_transforms(size: int, train: bool, seed: int) -> alb.Compose:
 def classic_fit(root: Path | str, epochs: int = 8, lr: float = 0.05, bs: int = 64, size: int = 32, seed: int = 0,
                 classes: int | None = None, train_per_class: int | None = None, wd: float = 5e-4,
                 momentum: float = 0.9, nesterov: bool = True, pct_start: float = 0.25, precision: str = "bf16",
-                device: str | None = None) -> list[dict]:
+                device: str | None = None, on_epoch=None) -> list[dict]:
     """Train the classic recipe; a row per epoch: val top-1 counted against val_annotations.txt, train loss,
     cumulative training seconds (validation excluded), and cumulative validation seconds and the decode's seconds
-    (for fitting its epochs to a wall-clock budget, benchmarks/head_to_head.py)."""
+    (for fitting its epochs to a wall-clock budget, benchmarks/head_to_head.py). `on_epoch(row)` is called as each
+    epoch ends: an hour-long run shows its progress."""
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be bf16 or fp32, got {precision!r}")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -196,4 +197,6 @@ def classic_fit(root: Path | str, epochs: int = 8, lr: float = 0.05, bs: int = 6
         rows.append({"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "accuracy": correct / total,
                      "seconds": round(seconds, 2), "valid_seconds": round(valid_seconds, 2),
                      "decode_seconds": round(decode_seconds, 2)})
+        if on_epoch is not None:
+            on_epoch(rows[-1])
     return rows

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     epochs = args.epochs or epochs_for(budget_s, timing, len(train), len(val), args.bs)
     print(f"classic recipe, budget {args.budget}: {epochs} epochs at {args.size} px (probe: {timing})", flush=True)
     start = time.time()
-    rows = classic_fit(args.data, epochs=epochs, lr=args.lr, bs=args.bs, size=args.size, seed=args.seed)
+    rows = classic_fit(args.data, epochs=epochs, lr=args.lr, bs=args.bs, size=args.size, seed=args.seed,
+                       on_epoch=lambda row: print(json.dumps(row), flush=True))
     wall = time.time() - start
     accs = [r["accuracy"] for r in rows]
     row = {"date": datetime.now().isoformat(timespec="seconds"), "trainer": "classic", "data": args.data,

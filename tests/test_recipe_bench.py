@@ -55,8 +55,10 @@ def test_tinyfast_init_choices():
 
 
 def test_classic_fit_trains_and_counts(tiny_root):
-    rows = classic_fit(tiny_root, epochs=2, lr=0.05, bs=16, size=16, seed=0, precision="fp32", device="cpu")
-    assert [r["epoch"] for r in rows] == [1, 2]
+    seen = []
+    rows = classic_fit(tiny_root, epochs=2, lr=0.05, bs=16, size=16, seed=0, precision="fp32", device="cpu",
+                       on_epoch=seen.append)
+    assert [r["epoch"] for r in rows] == [1, 2] and seen == rows
     assert all(0 <= r["accuracy"] <= 1 and r["train_loss"] > 0 for r in rows)
     assert 0 < rows[0]["seconds"] < rows[1]["seconds"]
     assert 0 < rows[0]["valid_seconds"] < rows[1]["valid_seconds"] and rows[0]["decode_seconds"] > 0
