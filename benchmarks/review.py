@@ -30,7 +30,9 @@ STAGES = {  # stage: the main.py command after RUN_DIR
 
 def run_stage(command: list[str]) -> dict:
     """A child process, its wall time and its own peak RSS (`os.wait4`: that child's rusage, not the largest
-    child so far, which is what `getrusage(RUSAGE_CHILDREN)` gives)."""
+    child so far, which is what `getrusage(RUSAGE_CHILDREN)` gives). Linux counts in a child's peak the memory it
+    shared with its parent before `exec`, so the parent must stay small: this module imports the standard
+    library only."""
     start = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
