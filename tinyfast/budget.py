@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 # "The whole dataset on 2 CPU cores") measured val top-1 0.324 at 16 px (5.3 epochs), 0.331 at 24 px (3.4) and
 # 0.274 at 32 px (1.8): between 3.4 and 5.3 epochs the size hardly mattered, below 2 it cost 5 points. 4 keeps to
 # the safe side of that cliff: 16 px for 30 minutes on the 2-core CPU, 24 px for 60, 32 px for 2 hours, 64 px for a
-# GPU. The 60-minute run at 24 px reached 0.395 (BENCHMARKS). A run validates at the size it trained at: the 24 px
-# model lost 1.7 points at 32 px and 31 at 64 (BENCHMARKS, "Validating a model trained small at a larger size").
+# GPU. The 60-minute run at 24 px reached 0.395, the 120-minute run at 32 px 0.459 (BENCHMARKS). A run validates at
+# the size it trained at: the 24 px model lost 1.7 points at 32 px and 31 at 64 (BENCHMARKS, "Validating a model
+# trained small at a larger size").
 MIN_EPOCHS_FOR_SIZE = 4
 MIN_EPOCHS = 1.0  # below one epoch of the smallest size a run is not worth starting
 MIN_SHARE = 0.02  # of an epoch's shuffle: a run far behind its plan still trains a little and validates each epoch
