@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,14 +28,14 @@ def test_each_stage_has_its_own_peak_memory_and_exit_code():
     one's peak (what `getrusage(RUSAGE_CHILDREN)`, the largest child so far, would say). Run from a small parent,
     as benchmarks/review.py is: Linux counts in a child's peak what it shared with its parent before `exec`, and
     this test process is large."""
-    script = """if True:
+    script = textwrap.dedent("""\
         import json, sys
         from benchmarks import review
         large = review.run_stage([sys.executable, "-c", "b = bytearray(600 * 2**20); b[::4096] = b'x' * len(b[::4096]); print('large')"])
         small = review.run_stage([sys.executable, "-c", "print('small')"])
         failed = review.run_stage([sys.executable, "-c", "import sys; print('no such run'); sys.exit(3)"])
         print(json.dumps([large, small, failed]))
-    """
+        """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
     large, small, failed = json.loads(done.stdout.strip().splitlines()[-1])
     assert large["exit_code"] == small["exit_code"] == 0 and failed["exit_code"] == 3
