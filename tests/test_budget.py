@@ -14,6 +14,7 @@ import tinyfast.budget as B
 from tinyfast.budget import (BudgetTooSmall, Timing, choose_size, format_seconds, paced_share, parse_budget,
                              plan_epochs)
 from tinyfast.callbacks import BudgetPace
+from tinyfast.config import RunConfig
 from tinyfast.cli import app
 from tinyfast.errors import RunError, RunInterrupted
 from tinyfast.train import fit, read_metrics
@@ -237,13 +238,49 @@ def test_a_budget_too_small_leaves_no_folder_and_exits_2(tiny_root, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def imagenet_stem(model) -> bool:
+    return model.stem[0].kernel_size == (7, 7)
+
+
 def test_without_a_size_the_budget_chooses_one(tiny_root, tmp_path, fixed_timing, monkeypatch):
     monkeypatch.setattr(B, "probe_step_s", lambda *a, **k: (0.01, 0.002))  # fast: 64 px affords enough epochs
     r = fit(tiny_root, lr=0.05, budget="40s", out=tmp_path / "fast", **SMALL)
-    assert json.loads((tmp_path / "fast" / "config.json").read_text())["args"]["size"] == 64 == r.learn.dls.train.one_batch()[0].shape[-1]
-    monkeypatch.setattr(B, "probe_step_s", lambda model, bs, size, *a, **k: (5.0 * (size / 32) ** 2, (size / 32) ** 2))
+    args = json.loads((tmp_path / "fast" / "config.json").read_text())["args"]
+    assert args["size"] == 64 == r.learn.dls.train.one_batch()[0].shape[-1]
+    assert args["stem"] == "cifar" and not imagenet_stem(r.learn.model)  # a cifar stem at 32 px or more stays
+    probed = []
+
+    def slow(model, bs, size, *a, **k):  # 12 batches an epoch: 16 px affords 4 epochs of 40 s, 64 px does not
+        probed.append(("imagenet" if imagenet_stem(model) else "cifar", size))
+        return 5.0 * (size / 32) ** 2, (size / 32) ** 2
+    monkeypatch.setattr(B, "probe_step_s", slow)
     fit(tiny_root, lr=0.05, budget="40s", out=tmp_path / "slow", **SMALL)
-    assert json.loads((tmp_path / "slow" / "config.json").read_text())["args"]["size"] == 16
+    args = json.loads((tmp_path / "slow" / "config.json").read_text())["args"]
+    assert (args["stem"], args["size"]) == ("cifar", 16)  # the imagenet stem was as slow: no 4 epochs at 64 px
+    assert probed == [("cifar", 16), ("cifar", 32), ("imagenet", 64)]
+
+
+def test_where_the_cifar_stem_would_train_small_the_budget_takes_the_imagenet_stem_at_64_px(
+        tiny_root, tmp_path, fixed_timing, monkeypatch, capsys):
+    def probe(model, bs, size, *a, **k):  # the imagenet stem at 64 px costs what the cifar stem does at 16
+        return (0.2, 0.05) if imagenet_stem(model) else (0.2 * (size / 16) ** 2, 0.05 * (size / 16) ** 2)
+    monkeypatch.setattr(B, "probe_step_s", probe)
+    r = fit(tiny_root, lr=0.05, budget="40s", out=tmp_path / "run", **SMALL)
+    args = json.loads((tmp_path / "run" / "config.json").read_text())["args"]
+    assert (args["stem"], args["size"]) == ("imagenet", 64) and imagenet_stem(r.learn.model)
+    assert r.learn.dls.train.one_batch()[0].shape[-1] == 64
+    assert "the imagenet stem at 64 px" in capsys.readouterr().out
+    run = RunConfig(data=str(tiny_root), budget="40s", bs=8)
+    assert B.budget_choice(run, 0.0) == ("imagenet", 64)
+    assert B.budget_choice(run.replace(stem="cifar"), 0.0)[0] == "cifar"  # a stem given is kept
+    assert B.budget_choice(run.replace(progressive=16), 0.0)[0] == "cifar"  # progressive resizing: the cifar stem's sizes
+
+
+def test_the_stem_rule():
+    assert B.choose_stem(24, 100.0, 400.0) == ("imagenet", 64)
+    assert B.choose_stem(24, 100.0, 399.0) == ("cifar", 24)  # not 4 epochs at 64 px
+    assert B.choose_stem(32, 1.0, 400.0) == ("cifar", 32)    # the cifar stem at 32 px or more stays
+    assert B.choose_stem(16, None, 400.0) == ("cifar", 16)
 
 
 class InterruptAfterEpoch(Callback):

@@ -138,6 +138,7 @@ def test_the_cli_choices_are_the_packages():
     import subprocess
     import sys
     import inspect
+    import typing
     from tinyfast import choices, export, learner, lr_range, model
     from tinyfast.cam import CAM_METHODS
     from tinyfast.cli import ExportFormat, Mode, Precision, Stem, fit_cmd
@@ -151,8 +152,10 @@ def test_the_cli_choices_are_the_packages():
     assert tuple(CAM_METHODS) == choices.CAM_METHOD_NAMES
     fit_params = inspect.signature(fit_cmd).parameters
     for name, values in option_choices.items():
-        if values:
-            assert tuple(e.value for e in fit_params[name].annotation) == values, name
+        if values:  # an enum, or Optional[enum] where the default is None (--stem: the budget's choice)
+            enum = next((a for a in typing.get_args(fit_params[name].annotation) if a is not type(None)),
+                        fit_params[name].annotation)
+            assert tuple(e.value for e in enum) == values, name
     for enum, values in [(Precision, choices.PRECISIONS), (Stem, choices.STEMS), (Mode, choices.MODES),
                          (ExportFormat, choices.FORMATS)]:
         assert tuple(e.value for e in enum) == values, enum

@@ -55,7 +55,7 @@ def test_the_rehearsal_runs_the_three_calls_under_the_device_limits_and_its_weig
     assert abs(v["independent_top1"] - v["model_epoch_top1"]) <= 1 / 32  # same model, decoded anew, counted apart
     assert v["median_train_img_s"] > 0 and v["train_seconds_total"] > 0
     rates = v["bench_data"]["img_s"]
-    assert sorted(rates) == ["0", "2", "4", "8"] and all(isinstance(r, float) and r > 0 for r in rates.values()), rates
+    assert sorted(rates) == ["0", "2"] and all(isinstance(r, float) and r > 0 for r in rates.values()), rates
     assert rates[v["bench_data"]["fastest_workers"]] == max(rates.values())
     run = Path(report["run"])
     assert hashlib.sha1((run / "model.pth").read_bytes()).hexdigest() == v["model_sha1"]

@@ -7,7 +7,8 @@ long schedule cut short, so the budget plans the run and the one-cycle schedule 
 1. the image size, where `--size` is not given: a few throwaway steps of the bare model at 16 and 32 px give this
    machine's step time as a fixed cost plus a cost per pixel, which gives it at the other sizes, and `choose_size`
    takes the largest size that still affords `MIN_EPOCHS_FOR_SIZE` epochs (a step at 16 px costs half of one at
-   32 px on the 2-core CPU, not a quarter: the fixed cost matters);
+   32 px on the 2-core CPU, not a quarter: the fixed cost matters); where `--stem` is not given either and that
+   size is small, `choose_stem` takes the imagenet stem at 64 px instead, if it affords as many epochs there;
 2. after the cache build and the range test of `--lr auto` (both spent from the budget), a few throwaway training
    and validation batches of the real Learner (`measure`, which puts everything back) give the step and
    validation times at that size;
@@ -54,6 +55,14 @@ if TYPE_CHECKING:
 # the size it trained at: the 24 px model lost 1.7 points at 32 px and 31 at 64 (BENCHMARKS, "Validating a model
 # trained small at a larger size").
 MIN_EPOCHS_FOR_SIZE = 4
+# The stem, where neither --stem, --size nor --progressive is given. The imagenet stem (7x7 stride 2 + max-pool)
+# at 64 px costs a step about what the cifar stem costs at 16 px, and sees the whole image where the cifar stem
+# sees it shrunk. On the whole dataset (docs/BENCHMARKS.md, "The imagenet stem under a budget") it reached 0.385
+# in 30 minutes, where the cifar stem reached 0.331 at 24 px and 0.324 at 16, and 0.473 in 60 minutes, where the
+# cifar stem reached 0.395 at 24 px. So where the cifar stem's rule would train below 32 px, the budget takes the
+# imagenet stem at 64 px, if that affords MIN_EPOCHS_FOR_SIZE epochs. At 32 px and above (2 hours on the 2-core
+# CPU; a GPU) the cifar stem stays: the imagenet stem was not measured against it there.
+CIFAR_STEM_FROM = 32
 MIN_EPOCHS = 1.0  # below one epoch of the smallest size a run is not worth starting
 MIN_SHARE = 0.02  # of an epoch's shuffle: a run far behind its plan still trains a little and validates each epoch
 CHECKPOINT_S = 1.0  # the plan's allowance for an epoch's checkpoint, until one is measured
@@ -265,30 +274,58 @@ def per_size(at: dict[int, float]) -> dict[int, float]:
     return {s: fixed + per_pixel * s ** 2 for s in SIZES}
 
 
-def budget_size(run, spent_s: float) -> int:
-    """The size a budget affords (`choose_size`), from the bare model's step and inference times at `PROBE_SIZES`
-    on this machine (`per_size`), and the dataset's size (its file list: nothing is decoded)."""
+def choose_stem(size: int, imagenet_epoch_s: float | None, left_s: float) -> tuple[str, int]:
+    """(stem, size): the cifar stem at the size its rule chose, or, where that is below `CIFAR_STEM_FROM`, the
+    imagenet stem at 64 px if it affords `MIN_EPOCHS_FOR_SIZE` epochs there (`imagenet_epoch_s`: one epoch's
+    training and validation)."""
+    if size < CIFAR_STEM_FROM and imagenet_epoch_s is not None and MIN_EPOCHS_FOR_SIZE * imagenet_epoch_s <= left_s:
+        return "imagenet", max(SIZES)
+    return "cifar", size
+
+
+def budget_choice(run, spent_s: float) -> tuple[str, int]:
+    """The stem and size a budget affords: `choose_size` for the stem given (cifar where none is), from the bare
+    model's step and inference times at `PROBE_SIZES` on this machine (`per_size`) and the dataset's size (its
+    file list: nothing is decoded); then, where neither a stem nor progressive resizing was given, `choose_stem`,
+    from the imagenet stem's times at 64 px."""
     from fastai.torch_core import default_device
+    from .config import DEFAULT_STEM
     from .data import tiny_imagenet_files
     from .dataset import resolve_dataset
     from .learner import autocast_dtype
     from .model import resnet18
     wnids, files, val = tiny_imagenet_files(resolve_dataset(run.data), run.classes, run.train_per_class)
-    device, model = default_device(), resnet18(len(wnids), stem=run.stem)
-    probes = {s: probe_step_s(model, run.bs, s, autocast_dtype(run.precision, device), device) for s in PROBE_SIZES}
-    step_s, forward_s = per_size({s: p[0] for s, p in probes.items()}), per_size({s: p[1] for s, p in probes.items()})
+    device = default_device()
+    dtype = autocast_dtype(run.precision, device)
     train_batches, valid_batches = math.ceil((len(files) - len(val)) / run.bs), math.ceil(len(val) / run.bs)
+
+    def epoch_s(stem: str, sizes: tuple[int, ...]) -> tuple[dict[int, float], dict[int, float]]:
+        """(training, validation) seconds of an epoch at each of `sizes`, measured there."""
+        model = resnet18(len(wnids), stem=stem)
+        probes = {s: probe_step_s(model, run.bs, s, dtype, device) for s in sizes}
+        return ({s: p[0] * train_batches for s, p in probes.items()}, {s: p[1] * valid_batches for s, p in probes.items()})
+
+    stem = run.stem or DEFAULT_STEM
+    train, valid = (per_size(t) for t in epoch_s(stem, PROBE_SIZES))
     budget_s = parse_budget(run.budget)
-    train = {s: step_s[s] * train_batches for s in SIZES}
-    valid = {s: forward_s[s] * valid_batches for s in SIZES}
     smallest = min(SIZES)  # not even one epoch there: said now, before the cache is built
-    plan_epochs(budget_s, spent_s, Timing(step_s[smallest], forward_s[smallest], train_batches, valid_batches), smallest)
+    plan_epochs(budget_s, spent_s, Timing(train[smallest] / train_batches, valid[smallest] / valid_batches,
+                                          train_batches, valid_batches), smallest)
     left = budget_s - spent_s - reserve_for(budget_s)
     size = choose_size(train, valid, left)
+    said = (f"{size} px, the largest size with {MIN_EPOCHS_FOR_SIZE} epochs or more (epochs by the bare model's "
+            f"speed, {stem} stem: " + ", ".join(f"{s} px {left / (train[s] + valid[s]):.1f}" for s in SIZES) + ")")
+    if run.stem is None and not run.progressive and size < CIFAR_STEM_FROM:  # progressive: cifar's small sizes
+        top = max(SIZES)
+        imagenet_train, imagenet_valid = epoch_s("imagenet", (top,))
+        imagenet_epoch_s = imagenet_train[top] + imagenet_valid[top]
+        stem, size = choose_stem(size, imagenet_epoch_s, left)
+        if stem == "imagenet":
+            said = (f"the imagenet stem at {size} px, {left / imagenet_epoch_s:.1f} epochs by the bare model's "
+                    f"speed, where the cifar stem would train at " + said)
     if is_main_process():
-        print(f"budget {run.budget}: {size} px, the largest size with {MIN_EPOCHS_FOR_SIZE} epochs or more (epochs by "
-              f"the bare model's speed: " + ", ".join(f"{s} px {left / (train[s] + valid[s]):.1f}" for s in SIZES) + ")")
-    return size
+        print(f"budget {run.budget}: {said}")
+    return stem, size
 
 
 def plan_run(learn: Learner, size: int, spent_s: float, lr: float, budget_s: float,

@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from tinyfast.choices import CAM_METHOD_NAMES, FORMATS, MODES, PRECISIONS, STEMS
-from tinyfast.config import DATA_HELP, DEFAULT_SIZE, RunConfig, describe_range, in_range
+from tinyfast.config import DATA_HELP, DEFAULT_SIZE, DEFAULT_STEM, RunConfig, describe_range, in_range
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and understand a ResNet18 on TinyImageNet with fastai.")
@@ -133,7 +133,7 @@ def _config_parameter(f) -> inspect.Parameter:
     meta, default = f.metadata, f.default
     if meta["choices"]:
         kind = _choices(f.name.title().replace("_", ""), meta["choices"])
-        hint, default = kind, kind(default)
+        hint, default = (Optional[kind], None) if default is None else (kind, kind(default))
     elif f.name == "data":
         hint = Optional[Path]
     elif f.name == "lr":
@@ -208,7 +208,7 @@ def find_lr_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
                 end_lr: Optional[float] = typer.Option(None, help="last LR [default: 10 fastai, 1.0 smith]"),
                 out: Path = typer.Option(Path("lr_find"), help="folder for lr_find.png and lr_find.json (a run folder works)"),
                 size: int = typer.Option(DEFAULT_SIZE, help="input size in pixels"),
-                stem: Stem = typer.Option(Stem(RunConfig.default("stem")), help="model stem, as for fit"),
+                stem: Stem = typer.Option(Stem(DEFAULT_STEM), help="model stem, as for fit"),
                 precision: Precision = typer.Option(Precision(RunConfig.default("precision")), help="as for fit"),
                 classes: Optional[int] = typer.Option(None, help="the first N classes only"),
                 train_per_class: Optional[int] = typer.Option(None, help="the first M training images of each class"),

@@ -15,10 +15,11 @@ from typing import Any
 from .choices import MODES, PRECISIONS, SCHEDULES, STEMS, TRACKERS
 from .errors import RunError
 
-__all__ = ["RunConfig", "option", "OPTION_GROUPS", "DEFAULT_SIZE", "BUDGET_SIZES", "parse_budget", "in_range", "describe_range",
+__all__ = ["RunConfig", "option", "OPTION_GROUPS", "DEFAULT_SIZE", "DEFAULT_STEM", "BUDGET_SIZES", "parse_budget", "in_range", "describe_range",
            "resume_changes"]
 
 DEFAULT_SIZE = 64                   # the size of a run given neither --size nor --budget
+DEFAULT_STEM = "cifar"              # the stem of a run given neither --stem nor a --budget that chooses it
 BUDGET_SIZES = (16, 24, 32, 48, 64)  # the training sizes a budget chooses from (tinyfast.budget)
 DATA_HELP = "a tiny-imagenet-200 folder or its zip [default: $TINYFAST_DATA or data/tiny-imagenet-200]"
 OPTION_GROUPS = ("data", "model", "optimizer", "lr test", "levers", "runtime")
@@ -44,8 +45,9 @@ class RunConfig:
     num_workers: int | None = option(None, "DataLoader workers [default: 0 on CPU; on a GPU min(8, CPU cores)]",
                                      "data", "[0, inf)", resume=True)
     # model
-    stem: str = option("cifar", "cifar: 3x3 stride-1 stem, 64x64 feature maps; imagenet: 7x7 stride-2 + max-pool "
-                       "(15x cheaper)", "model", choices=STEMS)
+    stem: str | None = option(None, "cifar: 3x3 stride-1 stem, 64x64 feature maps; imagenet: 7x7 stride-2 + "
+                              "max-pool (15x cheaper) [default: cifar, or the --budget's choice where --size is not "
+                              "given either]", "model", choices=STEMS)
     # optimizer and schedule
     epochs: int = option(30, "epochs to train", "optimizer", "[1, inf)")
     budget: str | None = option(None, "plan the run for this much wall time, everything included (90m, 1.5h, "

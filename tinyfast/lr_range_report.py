@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from .config import DEFAULT_SIZE, RunConfig
+from .config import DEFAULT_SIZE, DEFAULT_STEM, RunConfig
 from .data import tiny_imagenet_dls
 from .layout import LR_FIND_JSON, LR_FIND_PNG, atomic_write_text, save_figure
 from .learner import tiny_learner
@@ -62,7 +62,7 @@ def write_lr_range(result: LRRangeResult, out: str | Path) -> dict:
 
 def find_lr(data: str | Path | None = None, bs: int = RunConfig.default("bs"), mode: str = RunConfig.default("lr_mode"),
             num_it: int = RunConfig.default("lr_num_it"), start_lr: float | None = None, end_lr: float | None = None,
-            out: str | Path = "lr_find", size: int = DEFAULT_SIZE, stem: str = RunConfig.default("stem"),
+            out: str | Path = "lr_find", size: int = DEFAULT_SIZE, stem: str = DEFAULT_STEM,
             precision: str = RunConfig.default("precision"), classes: int | None = None,
             train_per_class: int | None = None, val_batches: int = HELD_OUT_BATCHES) -> LRRangeResult:
     """`python main.py find-lr`: a range test on a fresh model, written to `out`. Its defaults are `fit --lr

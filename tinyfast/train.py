@@ -26,10 +26,10 @@ from fastai.learner import Learner
 from fastcore.xtras import ContextManagers
 from fastai.torch_core import set_seed
 
-from .budget import apply_budget, budget_size, no_folder_if_budget_too_small, record_budget_outcome
+from .budget import apply_budget, budget_choice, no_folder_if_budget_too_small, record_budget_outcome
 from .callbacks import (SYNC_EVERY, BudgetPace, Plateau, RunLogger, SmoothLossOnDevice, StopOnNaN, TimeLeft,  # noqa: F401
                         check_tracker, lever_callbacks, progressive_costs, tracker_callbacks)
-from .config import DEFAULT_SIZE, RunConfig, resume_changes
+from .config import DEFAULT_SIZE, DEFAULT_STEM, RunConfig, resume_changes
 from .data import tiny_imagenet_dls
 from .doctor import check_device, versions
 from .errors import NonFiniteLoss, RunError, RunInterrupted, one_line
@@ -89,10 +89,11 @@ def fit(config: RunConfig | Path | str | None = None, *, out: Path | str | None 
         if resumed_with and not quiet and main:
             print(resumed_with)
         set_seed(config.seed)
-        if config.size is None:  # the budget's choice, or the default
+        if config.size is None and config.budget is not None:  # the budget's choice (the stem's too, if not given)
             with no_folder_if_budget_too_small(run_dir, new=start is None):
-                config = config.replace(size=on_main(budget_size, config, time.time() - called)
-                                        if config.budget is not None else DEFAULT_SIZE)
+                stem, size = on_main(budget_choice, config, time.time() - called)
+                config = config.replace(stem=stem, size=size)
+        config = config.replace(size=config.size or DEFAULT_SIZE, stem=config.stem or DEFAULT_STEM)
         with main_process_first():  # rank 0 decodes the image cache, the others reuse it
             dls = tiny_imagenet_dls(config.data, bs=config.bs, size=config.size, num_workers=config.num_workers,
                                     aug=None if config.aug else False, classes=config.classes,

@@ -35,6 +35,8 @@ CARRIED = Path(".gpu")
 PART_BYTES = 15 * 2**20  # each returned file is at most 16 MiB
 WAIT_S = int(os.environ.get("TINYFAST_WAIT_S", "520"))  # call 3's wait for fit, inside the 600 s a call may run
 BENCH_BS = os.environ.get("TINYFAST_BENCH_BS", "256")  # fit's batch size; the rehearsal's few images need less
+# the loader's worker counts timed after the fit; the rehearsal times two, as each costs a process start here
+BENCH_WORKERS = tuple(int(n) for n in os.environ.get("TINYFAST_BENCH_WORKERS", "0,2,4,8").split(","))
 FIT_DEFAULTS = ["--epochs", "30"]
 START = time.monotonic()
 IMPORTS = ("fastai", "albumentations", "pytorch_grad_cam", "typer", "torch", "torchvision")
@@ -228,7 +230,7 @@ def summarise(run: Path, finished: bool) -> dict:
     return result
 
 
-def bench_workers(counts=(0, 2, 4, 8), deadline_s: float = 580) -> dict:
+def bench_workers(counts: tuple[int, ...] = BENCH_WORKERS, deadline_s: float = 580) -> dict:
     """`bench data --no-baseline` at each worker count, on fit's data and decoded cache: the loader's img/s, which
     decides the GPU default of --num-workers. A count that would end past `deadline_s` into the call is skipped."""
     import re

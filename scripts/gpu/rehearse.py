@@ -117,7 +117,8 @@ def device_call(call: str, work: Path, repo: Path, carried: Path | None, fit_fla
     out.mkdir(parents=True)
     env = {"PATH": f"{work / 'bin'}{os.pathsep}/usr/bin:/bin", "HOME": str(work / "device" / "home"), "OUT": str(out),
            "PYTHONPATH": str(work / "image"), "TINYFAST_STAGE": str(work / "device" / "root" / "tinyfast"),
-           "MPLBACKEND": "Agg", "LANG": "C.UTF-8", "TINYFAST_BENCH_BS": "16"}
+           "MPLBACKEND": "Agg", "LANG": "C.UTF-8", "TINYFAST_BENCH_BS": "16",
+           "TINYFAST_BENCH_WORKERS": "0,2"}
     cut = no_network_prefix()
     command = cut + ["python3", "scripts/gpu/device.py", call] + fit_flags
     res = subprocess.run(command, cwd=device_repo, env=env, capture_output=True, text=True, timeout=600)

@@ -30,6 +30,7 @@ DEVICE_LACKS = {"fastai": "fastai", "fastcore": "fastcore", "fasttransform": "fa
                 "stringzilla": "stringzilla", "simsimd": "simsimd", "pydantic": "pydantic",
                 "pydantic-core": "pydantic_core", "annotated-types": "annotated_types",
                 "typing-inspection": "typing_inspection", "grad-cam": "pytorch_grad_cam", "ttach": "ttach"}
+SDIST_ONLY = {"grad-cam"}  # no wheel on PyPI: built here (pure Python)
 PYTHON = (3, 12)
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)] + ["manylinux2014_x86_64",
                                                                                   "manylinux1_x86_64"]
@@ -60,17 +61,28 @@ def check_wheels(wheels: list[Path]) -> None:
 
 def download_wheels(dest: Path) -> list[Path]:
     """Each package the device lacks, at the version installed here, built for the device's Python; a package
-    with no such wheel on PyPI is built here, and kept only if it is pure Python."""
+    with no such wheel on PyPI is built here, and kept only if it is pure Python. One pip for all the wheels (each
+    pip costs a second or two of start-up), then one for each that the first did not bring."""
     dest.mkdir(parents=True, exist_ok=True)
-    for dist in DEVICE_LACKS:
-        spec = f"{dist}=={importlib.metadata.version(dist)}"
-        platforms = [a for p in PLATFORMS for a in ("--platform", p)]
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                              "--python-version", f"{PYTHON[0]}.{PYTHON[1]}", "--implementation", "cp", *platforms,
-                              "-d", str(dest), spec], capture_output=True, text=True)
-        if got.returncode != 0:  # no wheel on PyPI (grad-cam is an sdist): build it, tags checked below
+    platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+
+    def download(specs: list[str]) -> bool:
+        return subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                               "--python-version", f"{PYTHON[0]}.{PYTHON[1]}", "--implementation", "cp", *platforms,
+                               "-d", str(dest), *specs], capture_output=True, text=True).returncode == 0
+
+    specs = {dist: f"{dist}=={importlib.metadata.version(dist)}" for dist in DEVICE_LACKS}
+    download([spec for dist, spec in specs.items() if dist not in SDIST_ONLY])  # if it fails, each alone below
+    for dist, spec in specs.items():
+        if not has_wheel(dest, dist) and not download([spec]):  # no wheel on PyPI: build it, tags checked below
             subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dest), spec], check=True)
     return sorted(dest.glob("*.whl"))
+
+
+def has_wheel(folder: Path, dist: str) -> bool:
+    """A wheel of `dist` in `folder` (a wheel's name spells the project with underscores, lower-cased or not)."""
+    prefix = dist.replace("-", "_").lower() + "-"
+    return any(w.name.lower().startswith(prefix) for w in folder.glob("*.whl"))
 
 
 def tree_files(repo: Path) -> list[str]:
