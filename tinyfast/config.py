@@ -46,8 +46,8 @@ class RunConfig:
                                      "data", "[0, inf)", resume=True)
     # model
     stem: str | None = option(None, "cifar: 3x3 stride-1 stem, 64x64 feature maps; imagenet: 7x7 stride-2 + "
-                              "max-pool (15x cheaper) [default: cifar, or the --budget's choice where --size is not "
-                              "given either]", "model", choices=STEMS)
+                              "max-pool (15x cheaper) [default: cifar, or the --budget's choice where neither --size "
+                              "nor --progressive is given]", "model", choices=STEMS)
     # optimizer and schedule
     epochs: int = option(30, "epochs to train", "optimizer", "[1, inf)")
     budget: str | None = option(None, "plan the run for this much wall time, everything included (90m, 1.5h, "
