@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from main import app
@@ -34,6 +35,27 @@ def test_every_command_has_help_with_defaults(cmd):
         for flag, default in [("--epochs", "30"), ("--bs", "256"), ("--lr", "0.1"), ("--schedule", "one-cycle"),
                               ("--precision", "auto"), ("--seed", "42")]:
             assert re.search(rf"{flag}.*default: {re.escape(default)}", out), flag
+
+
+BRACKETED_DEFAULT_COMMANDS = ["download", "fit", "find-lr", "evaluate", "interpret", "gradcam", "predict", "export",
+                              "demo", "bench data", "bench train", "bench recipe"]
+
+
+@pytest.mark.parametrize("cmd", BRACKETED_DEFAULT_COMMANDS)
+def test_help_shows_every_bracketed_default(cmd):
+    """typer renders help as rich markup, where "[default: the run's]" is a style tag that vanishes: each option's
+    own "[default: ...]" must reach the screen, and an option has one."""
+    out = plain(runner.invoke(app, cmd.split() + ["--help"], env={"COLUMNS": "200"}).output)
+    screen = " ".join(out.replace("│", " ").split())
+    command = typer.main.get_command(app)
+    for name in cmd.split():
+        command = command.commands[name]
+    by_option = {p.name: re.findall(r"\[default: [^\]]*\]", p.help or "") for p in command.params}
+    assert all(len(found) <= 1 for found in by_option.values()), by_option  # one default an option
+    written = [" ".join(found[0].split()) for found in by_option.values() if found]
+    assert written, cmd
+    for default in written:
+        assert screen.count(default) == written.count(default), default
 
 
 PRECISION_COMMANDS = {"fit": [], "find-lr": [], "evaluate": ["RUN"], "interpret": ["RUN"], "gradcam": ["RUN"],

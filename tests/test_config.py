@@ -7,6 +7,7 @@ import json
 
 import pytest
 import typer.main
+from rich.markup import escape
 
 from tinyfast.cli import app
 from tinyfast.config import RunConfig, resume_changes
@@ -26,7 +27,7 @@ def test_every_option_is_a_fit_flag_with_its_default_and_help_and_nothing_else_i
     assert set(params) == set(options) | RUNTIME_FLAGS
     for name, f in options.items():
         p, meta = params[name], f.metadata
-        assert p.help == meta["help"], name
+        assert p.help == escape(meta["help"]), name  # as rich markup, where "[" would start a tag
         assert set(p.opts) == set(meta["flags"] or ["--" + name.replace("_", "-")]), name
         default = p.default.value if hasattr(p.default, "value") else p.default
         assert default == (str(f.default) if name == "lr" else f.default), name  # choices: test_cli

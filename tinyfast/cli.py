@@ -16,7 +16,7 @@ from typing import List, Optional
 import typer
 
 from tinyfast.choices import CAM_METHOD_NAMES, FORMATS, MODES, PRECISIONS, STEMS
-from tinyfast.config import DATA_HELP, DEFAULT_SIZE, DEFAULT_STEM, RunConfig, describe_range, in_range
+from tinyfast.config import DATA_DEFAULT, DATA_HELP, DATA_WHAT, DEFAULT_SIZE, DEFAULT_STEM, RunConfig, describe_range, in_range
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train and understand a ResNet18 on TinyImageNet with fastai.")
@@ -251,7 +251,7 @@ def _report(folder: Path):
 
 @app.command()
 def evaluate(run_dir: Path = typer.Argument(..., help="a run folder written by fit"),
-             data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
+             data: Optional[Path] = typer.Option(None, help=DATA_WHAT + " [default: the run's]"),
              tta: bool = typer.Option(False, help="average the predictions of each image and its horizontal flip"),
              temperature: bool = typer.Option(False, help="fit a temperature on half the val set, report calibration on the other half"),
              out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR]"),
@@ -274,7 +274,7 @@ def evaluate(run_dir: Path = typer.Argument(..., help="a run folder written by f
 
 @app.command()
 def interpret(run_dir: Path = typer.Argument(..., help="a run folder written by fit"),
-              data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
+              data: Optional[Path] = typer.Option(None, help=DATA_WHAT + " [default: the run's]"),
               top_losses: int = typer.Option(16, "--top-losses", "--top", help="how many top-loss images to show"),
               pairs: int = typer.Option(10, help="most-confused pairs whose classes make up confusion.png"),
               out: Optional[Path] = typer.Option(None, help="output folder [default: RUN_DIR]"),
@@ -297,7 +297,7 @@ def interpret(run_dir: Path = typer.Argument(..., help="a run folder written by 
 
 @app.command()
 def gradcam(run_dir: Path = typer.Argument(..., help="a run folder written by fit"),
-            data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
+            data: Optional[Path] = typer.Option(None, help=DATA_WHAT + " [default: the run's]"),
             n: int = typer.Option(16, help="images in the grid (half correct, half wrong where possible)"),
             methods: List[str] = typer.Option(["gradcam"], "--methods", "--method", help=f"{', '.join(CAM_METHOD_NAMES)}; repeat for several"),
             layer: Optional[str] = typer.Option(None, help="target module, e.g. layer3 or layer4.1 [default: the last residual stage]"),
@@ -325,7 +325,7 @@ def predict(run_dir: Path = typer.Argument(..., help="a run folder written by fi
             images: List[Path] = typer.Argument(..., help="image files, any size or mode"),
             topk: int = typer.Option(5, help="classes to show per image"),
             cam: bool = typer.Option(False, help="also save the Grad-CAM overlay of the top class next to each image"),
-            data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
+            data: Optional[Path] = typer.Option(None, help=DATA_WHAT + " [default: the run's]"),
             precision: Optional[Precision] = typer.Option(None, help="[default: the run's]")):
     """Top-k classes (wnid, name, probability) for any images."""
     check_ranges(locals())
@@ -343,7 +343,7 @@ def app_cmd(run_dir: Path = typer.Argument(..., help="a run folder written by fi
             host: str = typer.Option("127.0.0.1", help="the address to listen on (0.0.0.0: every interface)"),
             port: int = typer.Option(7860, help="the port to listen on"),
             share: bool = typer.Option(False, help="also a public link through gradio's share servers"),
-            data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: the run's]"),
+            data: Optional[Path] = typer.Option(None, help=DATA_WHAT + " [default: the run's]"),
             precision: Optional[Precision] = typer.Option(None, help="[default: the run's]")):
     """A web page over a run: upload or pick an image for its top-5 classes and Grad-CAM; browse the top losses
     and the most confused pairs. Needs the extra: pip install 'tinyfast[app]'."""
@@ -422,7 +422,7 @@ def bench_data_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP),
 
 
 @bench_app.command("train")
-def bench_train_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP + " [default: a generated dataset]"),
+def bench_train_cmd(data: Optional[Path] = typer.Option(None, help=DATA_WHAT + " [default: a generated dataset]"),
                     size: int = typer.Option(64, help="input size in pixels"),
                     bs: int = typer.Option(64, help="batch size"),
                     steps: int = typer.Option(5, help="timed training steps"),
@@ -445,7 +445,7 @@ def bench_train_cmd(data: Optional[Path] = typer.Option(None, help=DATA_HELP + "
 
 
 @bench_app.command("recipe")
-def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=DATA_HELP + "; repeat for several subsets"),
+def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=f"{DATA_WHAT}; repeat for several subsets {DATA_DEFAULT}"),
                      against: str = typer.Option("classic", help="classic: the classic recipe written without tinyfast (benchmarks/classic.py), each at its LRs; plain: a plain PyTorch loop of tinyfast's own recipe"),
                      classes: Optional[int] = typer.Option(10, help="the first N classes (a real subset); 0 for all"),
                      train_per_class: Optional[int] = typer.Option(200, help="the first M training images of each class; 0 for all"),
@@ -477,6 +477,22 @@ def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=DATA_H
     rows = run_safely(recipe.sweep, roots, trainers=tuple(trainer), lrs=lrs, seeds=tuple(seed), epochs=epochs, bs=bs,
                       size=size, variant=variant, results=results, **subset)
     typer.echo(recipe.format_results(rows))
+
+
+def _show_brackets_in_help(*typers: typer.Typer) -> None:
+    """typer renders help as rich markup, where "[default: the run's]" reads as a style tag and vanishes from the
+    screen: every option's help is escaped once, here, so the strings stay plain where they are written."""
+    from rich.markup import escape
+    from typer.models import ParameterInfo
+    for group in typers:
+        for command in group.registered_commands:
+            for parameter in inspect.signature(command.callback).parameters.values():
+                info = parameter.default
+                if isinstance(info, ParameterInfo) and info.help and not getattr(info, "_escaped", False):
+                    info.help, info._escaped = escape(info.help), True
+
+
+_show_brackets_in_help(app, bench_app)
 
 
 def main() -> None:

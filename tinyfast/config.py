@@ -21,7 +21,9 @@ __all__ = ["RunConfig", "option", "OPTION_GROUPS", "DEFAULT_SIZE", "DEFAULT_STEM
 DEFAULT_SIZE = 64                   # the size of a run given neither --size nor --budget
 DEFAULT_STEM = "cifar"              # the stem of a run given neither --stem nor a --budget that chooses it
 BUDGET_SIZES = (16, 24, 32, 48, 64)  # the training sizes a budget chooses from (tinyfast.budget)
-DATA_HELP = "a tiny-imagenet-200 folder or its zip [default: $TINYFAST_DATA or data/tiny-imagenet-200]"
+DATA_WHAT = "a tiny-imagenet-200 folder or its zip"
+DATA_DEFAULT = "[default: $TINYFAST_DATA or data/tiny-imagenet-200]"
+DATA_HELP = f"{DATA_WHAT} {DATA_DEFAULT}"
 OPTION_GROUPS = ("data", "model", "optimizer", "lr test", "levers", "runtime")
 
 
