@@ -31,8 +31,9 @@ def run_budget(data: str, budget: str, out: Path, fit_flags: list[str]) -> dict:
     proc = subprocess.run(command, capture_output=True, text=True)
     wall = time.time() - start
     peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB, the largest child so far
+    said = proc.stdout if proc.returncode == 0 else proc.stderr  # the result line, or the one-line error
     return budget_row(out, data, budget, fit_flags, proc.returncode, wall, peak_kib / 2**20,
-                      (proc.stdout + proc.stderr).strip().splitlines()[-1:])
+                      said.strip().splitlines()[-1:])
 
 
 def budget_row(out: Path, data: str, budget: str, fit_flags: list[str], exit_code: int, wall_s: float,

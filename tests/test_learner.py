@@ -1,11 +1,16 @@
-"""tinyfast's SGD: fastai's Optimizer, stepping exactly as torch's SGD does for each weight-decay coupling."""
+"""tinyfast's SGD: fastai's Optimizer, stepping exactly as torch's SGD does for each weight-decay coupling; and
+what FastDevice does to the CPU's allocator."""
+import resource
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 from fastai.callback.core import Callback
 
-from tinyfast.learner import SGD
+import tinyfast.learner as learner_module
+from tinyfast.learner import SGD, FastDevice
 
 
 def _steps(make_opt, n=5):
@@ -75,3 +80,25 @@ class _Calls(Callback):
     def after_loss(self):
         if self.training:
             self.seen.append((float(self.loss.detach()), getattr(self.learn.model, "_compiled_call_impl", None) is not None))
+
+
+def _page_faults_of_big_blocks(n: int = 4, mib: int = 48) -> int:
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(n):
+        block = torch.empty(mib * 2**20, dtype=torch.uint8)
+        block.fill_(1)
+        del block
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_a_cpu_fit_reuses_freed_activations_instead_of_faulting_them_in_again(monkeypatch):
+    """glibc unmaps a freed block above its mmap threshold (32 MiB at most, by default), so each training step
+    faulted its largest activations in again; FastDevice raises the threshold on the CPU."""
+    from fastai.test_utils import synth_learner
+    monkeypatch.setattr(learner_module, "_kept", None)
+    learn = synth_learner(cbs=FastDevice(precision="fp32"))
+    learn.fit(1)
+    assert learner_module._kept is True
+    one_block = 48 * 2**20 // resource.getpagesize()
+    assert _page_faults_of_big_blocks() < 2 * one_block  # the first may grow the heap; the others reuse it

@@ -7,7 +7,12 @@ They import on first use (PEP 562), so that `tinyfast --help` does not wait for 
 heavier parts: `tinyfast.lr_range` and `tinyfast.lr_range_report`, `tinyfast.interpret`, `tinyfast.cam` and
 `tinyfast.cam_report`, `tinyfast.compare`, `tinyfast.export`.
 """
+import warnings
 from importlib import import_module
+
+# fastai 2.8 decorates a few functions with `torch.jit.script` as it imports, and torch 2.14 answers each with a
+# FutureWarning: two lines on stderr at every command, meant for fastai's maintainers, not for tinyfast's users.
+warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
 
 _HOME = {"tiny_imagenet_dls": "data", "default_augmentation": "data", "resnet18": "model",
          "tiny_learner": "learner", "RunConfig": "config", "fit": "train", "load_run": "train", "download_tiny_imagenet": "dataset",

@@ -12,9 +12,10 @@ long schedule cut short, so the budget plans the run and the one-cycle schedule 
 2. after the cache build and the range test of `--lr auto` (both spent from the budget), a few throwaway training
    and validation batches of the real Learner (`measure`, which puts everything back) give the step and
    validation times at that size;
-3. `plan_epochs` fits the epochs, fractional: a plan of 6.4 epochs is 7 epochs, each training on the first 91%
+3. `plan_epochs` fits the epochs, fractional: a plan of 6.4 epochs is 8 epochs, each training on the first 80%
    of its shuffle (`CachedBatchDL.epoch_share`), so the schedule spans the iterations there is time for, and every
-   epoch is validated and checkpointed;
+   epoch is validated and checkpointed; the share is at most `PLAN_SHARE`, room for the pacing to give a faster
+   run more;
 4. during the run, `tinyfast.callbacks.BudgetPace` keeps to the deadline: each epoch's share is set again from
    the time left and the times measured so far (`paced_share`), and an epoch ends early, its slice of the schedule
    completed, where going on would leave the later epochs short (the last: where it would pass the deadline).
@@ -40,7 +41,7 @@ from fastai.learner import Learner
 from .distributed import is_main_process, on_main
 from .config import BUDGET_SIZES as SIZES, parse_budget  # noqa: F401  (the budget's names, kept here)
 from .errors import RunError
-from .learner import kept_state
+from .learner import keep_freed_memory, kept_state
 from .run_folder import update_config
 
 if TYPE_CHECKING:
@@ -65,8 +66,16 @@ MIN_EPOCHS_FOR_SIZE = 4
 CIFAR_STEM_FROM = 32
 MIN_EPOCHS = 1.0  # below one epoch of the smallest size a run is not worth starting
 MIN_SHARE = 0.02  # of an epoch's shuffle: a run far behind its plan still trains a little and validates each epoch
+# The plan trains at most this share of each epoch's shuffle, so that `BudgetPace` can give a run that steps faster
+# than its throwaway batches said the time it saves (up to 1/PLAN_SHARE as fast); it can take time back from a
+# slower run at any share. On the whole dataset the throwaway batches were off by -35% to +80% of the steps that
+# followed (docs/BENCHMARKS.md, "The CPU's allocator, and room for a faster run"). Each epoch the room adds costs
+# a validation and a checkpoint: it is taken only while those of all the epochs stay within ROOM_FIXED_MAX of the
+# time left (3-4% on the whole dataset on this CPU; on tiny data they would dominate).
+PLAN_SHARE = 0.8
+ROOM_FIXED_MAX = 0.1
 CHECKPOINT_S = 1.0  # the plan's allowance for an epoch's checkpoint, until one is measured
-RESERVE = (5.0, 0.02)  # seconds, and share of the budget, kept for the end: best weights back, learner.pkl, plots
+RESERVE = (5.0, 0.01)  # seconds, and share of the budget, kept for the end: best weights back, learner.pkl, plots
 
 
 class BudgetTooSmall(RunError):
@@ -136,12 +145,14 @@ def plan_epochs(budget_s: float, spent_s: float, timing: Timing, size: int,
     left = budget_s - spent_s - reserve_for(budget_s)
     per_epoch_fixed = timing.valid_s + timing.checkpoint_s
     # n validated epochs, each training on `share` of the set: share * T * sum(factors) + n * fixed = left. Every
-    # validation costs training time, so the fewest epochs with share <= 1 train the most.
+    # validation costs training time, so the fewest epochs with share <= PLAN_SHARE train the most (<= 1, where
+    # another epoch's validation would cost too much).
     n_epoch = 1
     while True:
         factors = cost_of_epoch(n_epoch) if cost_of_epoch else [1.0] * n_epoch
         share = (left - n_epoch * per_epoch_fixed) / (timing.train_epoch_s * sum(factors))
-        if share <= 1.0:
+        room_too_dear = (n_epoch + 1) * per_epoch_fixed > ROOM_FIXED_MAX * left
+        if share <= PLAN_SHARE or (share <= 1.0 and room_too_dear):
             break
         n_epoch += 1
     epochs = max(share, 0.0) * n_epoch
@@ -182,6 +193,8 @@ def probe_step_s(model: torch.nn.Module, bs: int, size: int, dtype: torch.dtype 
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else nullcontext
     model.to(device=device, memory_format=torch.channels_last)
+    if device.type == "cpu":
+        keep_freed_memory()  # as the run's FastDevice will: the probe times the steps the run will take
 
     def step():
         with autocast():
