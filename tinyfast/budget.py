@@ -67,11 +67,12 @@ CIFAR_STEM_FROM = 32
 MIN_EPOCHS = 1.0  # below one epoch of the smallest size a run is not worth starting
 MIN_SHARE = 0.02  # of an epoch's shuffle: a run far behind its plan still trains a little and validates each epoch
 # The plan trains at most this share of each epoch's shuffle, so that `BudgetPace` can give a run that steps faster
-# than its throwaway batches said the time it saves (up to 1/PLAN_SHARE as fast); it can take time back from a
-# slower run at any share. On the whole dataset the throwaway batches were off by -35% to +80% of the steps that
-# followed (docs/BENCHMARKS.md, "The CPU's allocator, and room for a faster run"). Each epoch the room adds costs
-# a validation and a checkpoint: it is taken only while those of all the epochs stay within ROOM_FIXED_MAX of the
-# time left (3-4% on the whole dataset on this CPU; on tiny data they would dominate).
+# than it planned the time it saves (up to 1/PLAN_SHARE as fast); it takes time back from a slower run at any
+# share. Planned at whole epochs, two runs on the whole dataset had time they could not use: 96.1% of an hour (its
+# last epochs whole) and 80.9% of 30 minutes (its first epoch slowed by a load beside it) (docs/BENCHMARKS.md, "The
+# CPU's allocator, batch 128, and room for a faster run"). Each epoch the room adds costs a validation and a
+# checkpoint: it is taken only while those of all the epochs stay within ROOM_FIXED_MAX of the time left (3-4% on
+# the whole dataset on this CPU; on tiny data they would dominate).
 PLAN_SHARE = 0.8
 ROOM_FIXED_MAX = 0.1
 CHECKPOINT_S = 1.0  # the plan's allowance for an epoch's checkpoint, until one is measured

@@ -146,10 +146,13 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 # glibc malloc hands any block above its mmap threshold (at most 32 MiB, by default) straight back to the kernel when
 # it is freed, so every training step on the CPU maps its largest activations afresh and page-faults through them:
 # 40,000-190,000 minor faults a step for the ResNet18 at batch 256 (imagenet stem at 64 px, cifar stem at 32 px),
-# where a raised threshold leaves about 8,000. Bare-model steps ran 5-13% faster (docs/BENCHMARKS.md, "The CPU's
-# allocator"). The same as MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in the environment, set from inside.
+# where a raised threshold leaves about 6,000-8,000, and the Learner's training batches ran 0-19% faster, 6% on
+# average, in six paired runs (docs/BENCHMARKS.md, "The CPU's allocator, batch 128, and room for a faster run"),
+# for 0.05-0.1 GiB more peak RSS (0.3 GiB in an hour's run). The same as
+# MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ in the environment, set from inside the process.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 KEEP_FREED_BYTES = 1 << 30
+_kept: bool | None = None  # keep_freed_memory's answer, once asked
 
 
 def keep_freed_memory() -> bool:
@@ -165,9 +168,6 @@ def keep_freed_memory() -> bool:
         except (OSError, AttributeError):
             _kept = False
     return _kept
-
-
-_kept: bool | None = None
 
 
 class FastDevice(Callback):
