@@ -481,15 +481,15 @@ def bench_recipe_cmd(data: Optional[List[Path]] = typer.Option(None, help=f"{DAT
 
 def _show_brackets_in_help(*typers: typer.Typer) -> None:
     """typer renders help as rich markup, where "[default: the run's]" reads as a style tag and vanishes from the
-    screen: every option's help is escaped once, here, so the strings stay plain where they are written."""
+    screen: every option's help is escaped once, here (each option is its own object, in one command), so the
+    strings stay plain where they are written."""
     from rich.markup import escape
     from typer.models import ParameterInfo
     for group in typers:
         for command in group.registered_commands:
             for parameter in inspect.signature(command.callback).parameters.values():
-                info = parameter.default
-                if isinstance(info, ParameterInfo) and info.help and not getattr(info, "_escaped", False):
-                    info.help, info._escaped = escape(info.help), True
+                if isinstance(parameter.default, ParameterInfo) and parameter.default.help:
+                    parameter.default.help = escape(parameter.default.help)
 
 
 _show_brackets_in_help(app, bench_app)
